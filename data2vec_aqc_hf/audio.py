@@ -1,0 +1,95 @@
+"""The one audio loader of the package: decode (soundfile), mono, resample (soxr), validate.
+
+Pretraining, fine-tuning, transcription and evaluation all read audio through `load_audio` / `prepare_audio`, so a
+file that one of them accepts, every one accepts, and every problem is reported the same way: an `AudioError`
+(a `ValueError`) naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+TARGET_SAMPLING_RATE = 16000
+
+
+class AudioError(ValueError):
+    """An audio file or array that cannot be used; the message names the source and the problem."""
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int = TARGET_SAMPLING_RATE) -> np.ndarray:
+    """Band-limited resampling with soxr (high quality); a no-op at the same rate."""
+    if orig_sr == target_sr:
+        return audio
+    return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+
+
+def prepare_audio(
+    audio: np.ndarray,
+    sampling_rate: int,
+    source: str = "<array>",
+    target_sr: int = TARGET_SAMPLING_RATE,
+    min_samples: int = 0,
+) -> np.ndarray:
+    """Mono float32 at `target_sr`, checked: not empty, finite, not all zero, at least `min_samples` long."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 2:  # (samples, channels) as soundfile returns it
+        audio = audio.mean(axis=1)
+    elif audio.ndim != 1:
+        raise AudioError(f"{source}: expected mono or (samples, channels) audio, got shape {audio.shape}")
+    if audio.size == 0:
+        raise AudioError(f"{source}: the audio is empty (0 samples)")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{source}: the audio contains NaN or infinite samples")
+    if not sampling_rate or sampling_rate <= 0:
+        raise AudioError(f"{source}: invalid sampling rate {sampling_rate!r}")
+    audio = resample(audio, int(sampling_rate), target_sr)
+    if not np.any(audio):
+        raise AudioError(f"{source}: the audio is silent (all samples are zero)")
+    if len(audio) < min_samples:
+        raise AudioError(
+            f"{source}: {len(audio)} samples ({len(audio) / target_sr:.3f} s) at {target_sr} Hz is shorter than "
+            f"the minimum of {min_samples} samples"
+        )
+    return audio
+
+
+def load_audio(
+    source: str | os.PathLike | bytes,
+    target_sr: int = TARGET_SAMPLING_RATE,
+    min_samples: int = 0,
+    name: str | None = None,
+) -> np.ndarray:
+    """Read a file path (or the bytes of an encoded file, as `datasets.Audio(decode=False)` gives them), return mono
+    float32 at `target_sr`. Formats are those of libsndfile (WAV, FLAC, OGG, MP3, NIST SPHERE, ...)."""
+    name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        data, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
+                           always_2d=True)
+    except FileNotFoundError as err:
+        raise AudioError(f"{name}: file not found") from err
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioError(f"{name}: cannot decode audio ({err})") from err
+    return prepare_audio(data, sr, name, target_sr, min_samples)
+
+
+def load_audio_example(example: dict, audio_column: str = "audio", target_sr: int = TARGET_SAMPLING_RATE,
+                       min_samples: int = 0) -> np.ndarray:
+    """Audio of a `datasets` example whose column was cast with `Audio(decode=False)` (`{"bytes", "path"}`), or
+    holds a decoded `{"array", "sampling_rate"}` dict, or a plain path string."""
+    value = example[audio_column]
+    if isinstance(value, str):
+        return load_audio(value, target_sr, min_samples)
+    if isinstance(value, dict):
+        name = value.get("path") or "<bytes>"
+        if value.get("bytes") is not None:
+            return load_audio(value["bytes"], target_sr, min_samples, name=name)
+        if value.get("array") is not None:
+            return prepare_audio(value["array"], value["sampling_rate"], name, target_sr, min_samples)
+        if value.get("path"):
+            return load_audio(value["path"], target_sr, min_samples)
+    raise AudioError(f"column {audio_column!r}: unsupported audio value of type {type(value).__name__}")

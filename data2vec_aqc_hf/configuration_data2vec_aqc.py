@@ -1,0 +1,217 @@
+"""Configuration of data2vec-aqc (data2vec + Augmentation, Quantization, Clustering).
+
+`Data2VecAQCConfig` extends transformers' `Data2VecAudioConfig`: every backbone field keeps its stock name and
+meaning, so the student backbone is weight-compatible with `Data2VecAudioModel`, and the objective adds the
+fields below. Defaults are the paper's base setting (Lodagala, Ghosh and Umesh, SLT 2022; data2vec, Baevski et
+al. 2022). Fields marked **(choice)** are details the papers leave open; the default is ours and documented.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import Data2VecAudioConfig
+
+__all__ = ["Data2VecAQCConfig", "AQC_OBJECTIVES"]
+
+AQC_OBJECTIVES = ("aqc", "data2vec")
+
+# Fields that exist only for the self-supervised objective; dropped when exporting a stock data2vec-audio config.
+AQC_ONLY_FIELDS = (
+    "objective",
+    "ema_decay_start",
+    "ema_decay_end",
+    "ema_anneal_steps",
+    "num_target_layers",
+    "instance_norm_target_layers",
+    "regression_loss_scale",
+    "aug_white_noise_prob",
+    "aug_white_noise_std",
+    "aug_reverb_prob",
+    "aug_rt60",
+    "aug_background_prob",
+    "aug_background_snr_db",
+    "aug_babble_prob",
+    "num_codevector_groups",
+    "num_codevectors_per_group",
+    "codevector_dim",
+    "proj_codevector_dim",
+    "max_gumbel_temperature",
+    "min_gumbel_temperature",
+    "gumbel_temperature_decay",
+    "contrastive_logits_temperature",
+    "num_negatives",
+    "student_contrastive_weight",
+    "teacher_contrastive_weight",
+    "diversity_loss_weight",
+    "feature_penalty_weight",
+    "cluster_factor",
+    "cluster_scale_factor",
+    "cluster_iterations",
+    "sampling_rate",
+)
+
+
+@strict
+class Data2VecAQCConfig(Data2VecAudioConfig):
+    r"""
+    Configuration of a data2vec-aqc model. Inherits every field of [`Data2VecAudioConfig`] (backbone, masking,
+    CTC); the defaults of three of them change to the data2vec pretraining recipe: `mask_time_prob=0.65`
+    (spec 1), `layerdrop=0.05` (spec 1) and `activation_dropout=0.0` (fairseq data2vec base).
+
+    Objective:
+        objective (`str`, defaults to `"aqc"`): `"aqc"` is the full data2vec-aqc objective; `"data2vec"` is plain
+            data2vec v1 (regression only: no augmentation, quantizer, contrastive losses or clustering), the
+            paper's ablation.
+
+    Teacher (spec 2, data2vec v1):
+        ema_decay_start (`float`, 0.999), ema_decay_end (`float`, 0.9999), ema_anneal_steps (`int`, 30000): EMA
+            decay tau rises linearly from start to end over the first `ema_anneal_steps` optimizer updates, then
+            stays at end (data2vec `ema_decay`, `ema_end_decay`, `ema_anneal_end_step`).
+        num_target_layers (`int`, 8): K, the number of top teacher layers averaged into the target
+            (data2vec `average_top_k_layers`).
+        instance_norm_target_layers (`bool`, True): instance-normalise each layer's FFN output over time per
+            channel (padding excluded) before averaging (data2vec `instance_norm_target_layer`).
+        regression_loss_scale (`float`, optional): scale of the squared error; `None` means 1/sqrt(hidden_size)
+            (data2vec `loss_scale=None`, `loss_beta=0`).
+
+    Augmentation (spec 3, student view only; set a probability to 0 to switch a transform off):
+        aug_white_noise_prob (`float`, 0.6), aug_white_noise_std (`(float, float)`, (0.001, 0.7)): additive white
+            Gaussian noise, its std drawn uniformly in this range times the utterance's std (paper).
+        aug_reverb_prob (`float`, 0.7), aug_rt60 (`(float, float)`, (0.2, 1.0)): reverberation. **(choice)** The
+            paper uses sox `reverb`; we convolve with a synthetic room impulse response (direct path, early
+            reflections, exponentially decaying noise tail with RT60 drawn in this range, in seconds).
+        aug_background_prob (`float`, 0.8), aug_background_snr_db (`(int, int)`, (0, 15)): background noise at an
+            integer SNR drawn uniformly in this inclusive range, mixed at the true SNR (the reference code's
+            `exp(snr/10)` amplitude formula gives 0.87x the nominal SNR; we do not copy that).
+        aug_babble_prob (`float`, 0.5): **(choice)** without a noise bank (MUSAN), the share of background noise
+            that is babble (another utterance of the batch); the rest is coloured noise (white, pink or brown).
+
+    Quantizer (spec 4, wav2vec 2.0):
+        num_codevector_groups (`int`, 2), num_codevectors_per_group (`int`, 320): G groups of V entries.
+        codevector_dim (`int`, 256): size of a concatenated codevector (G x 128).
+        proj_codevector_dim (`int`, 256): output size of `project_q` and `contr_proj`.
+        max_gumbel_temperature (`float`, 2.0), min_gumbel_temperature (`float`, 0.5),
+        gumbel_temperature_decay (`float`, 0.999995): temperature = max(max * decay**updates, min).
+
+    Cross-contrastive losses and clustering (spec 5):
+        contrastive_logits_temperature (`float`, 0.1): kappa, logits are cosine / kappa.
+        num_negatives (`int`, 100): distractors per anchor, from the masked frames of the same utterance.
+        student_contrastive_weight (`float`, 0.5), teacher_contrastive_weight (`float`, 0.5): weights of L_s, L_t.
+        diversity_loss_weight (`float`, 0.1), feature_penalty_weight (`float`, 10.0): wav2vec 2.0 weights.
+        cluster_factor (`int`, 16): k-means uses k = max(2, frames // cluster_factor) clusters.
+        cluster_scale_factor (`float`, 0.3): a negative in its positive's cluster has its logit multiplied by this.
+        cluster_iterations (`int`, 10): **(choice)** Lloyd iterations of the on-device k-means (the reference
+            iterates to a tolerance; a fixed count keeps the step free of host synchronisation).
+
+    Audio:
+        sampling_rate (`int`, 16000): the rate the model expects; the augmenter's reverb times use it.
+
+    Example:
+    ```python
+    >>> from data2vec_aqc_hf import Data2VecAQCConfig, Data2VecAQCForPreTraining
+    >>> config = Data2VecAQCConfig.from_preset("tiny")
+    >>> model = Data2VecAQCForPreTraining(config)
+    ```
+    """
+
+    model_type = "data2vec-aqc"
+
+    # backbone defaults that differ from Data2VecAudioConfig (pretraining recipe)
+    mask_time_prob: float | int = 0.65
+    layerdrop: float | int = 0.05
+    activation_dropout: float | int = 0.0
+
+    objective: str = "aqc"
+    # teacher
+    ema_decay_start: float = 0.999
+    ema_decay_end: float = 0.9999
+    ema_anneal_steps: int = 30000
+    num_target_layers: int = 8
+    instance_norm_target_layers: bool = True
+    regression_loss_scale: float | None = None
+    # augmentation
+    aug_white_noise_prob: float | int = 0.6
+    aug_white_noise_std: tuple[float, float] | list[float] = (0.001, 0.7)
+    aug_reverb_prob: float | int = 0.7
+    aug_rt60: tuple[float, float] | list[float] = (0.2, 1.0)
+    aug_background_prob: float | int = 0.8
+    aug_background_snr_db: tuple[int, int] | list[int] = (0, 15)
+    aug_babble_prob: float | int = 0.5
+    # quantizer
+    num_codevector_groups: int = 2
+    num_codevectors_per_group: int = 320
+    codevector_dim: int = 256
+    proj_codevector_dim: int = 256
+    max_gumbel_temperature: float = 2.0
+    min_gumbel_temperature: float = 0.5
+    gumbel_temperature_decay: float = 0.999995
+    # contrastive + clustering
+    contrastive_logits_temperature: float = 0.1
+    num_negatives: int = 100
+    student_contrastive_weight: float = 0.5
+    teacher_contrastive_weight: float = 0.5
+    diversity_loss_weight: float = 0.1
+    feature_penalty_weight: float = 10.0
+    cluster_factor: int = 16
+    cluster_scale_factor: float = 0.3
+    cluster_iterations: int = 10
+    # audio
+    sampling_rate: int = 16000
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.objective not in AQC_OBJECTIVES:
+            raise ValueError(f"objective must be one of {AQC_OBJECTIVES}, got {self.objective!r}")
+        if not 1 <= self.num_target_layers <= self.num_hidden_layers:
+            raise ValueError(
+                f"num_target_layers={self.num_target_layers} must be between 1 and "
+                f"num_hidden_layers={self.num_hidden_layers}"
+            )
+        if self.codevector_dim % self.num_codevector_groups:
+            raise ValueError(
+                f"codevector_dim={self.codevector_dim} must be divisible by "
+                f"num_codevector_groups={self.num_codevector_groups}"
+            )
+        for name in ("aug_white_noise_prob", "aug_reverb_prob", "aug_background_prob", "aug_babble_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def use_aqc(self) -> bool:
+        return self.objective == "aqc"
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Data2VecAQCConfig":
+        """`"base"`: the paper's 95M model. `"tiny"`: a few-hundred-thousand-parameter model for CPUs and tests."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_data2vec_audio_config(self) -> Data2VecAudioConfig:
+        """The stock `Data2VecAudioConfig` with the same backbone (AQC-only fields dropped)."""
+        values = self.to_dict()
+        for key in (*AQC_ONLY_FIELDS, "model_type", "transformers_version", "auto_map", "architectures"):
+            values.pop(key, None)
+        return Data2VecAudioConfig(**values)
+
+
+PRESETS: dict[str, dict] = {
+    "base": {},
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        conv_dim=(64, 64, 64, 64, 64, 64, 64),
+        num_conv_pos_embeddings=2,
+        num_conv_pos_embedding_groups=4,
+        num_target_layers=2,
+        num_codevectors_per_group=32,
+        codevector_dim=32,
+        proj_codevector_dim=32,
+        num_negatives=20,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        layerdrop=0.0,
+    ),
+}

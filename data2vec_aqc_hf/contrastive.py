@@ -1,0 +1,92 @@
+"""Cross-contrastive losses with clustering (data2vec-aqc, spec section 5).
+
+All functions work on the padded `(batch, frames, dim)` layout with a boolean frame mask instead of gathering the
+masked frames, so the step has data-independent shapes and never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def spherical_kmeans(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    num_clusters: int,
+    iterations: int = 10,
+    generator: torch.Generator | None = None,
+) -> torch.LongTensor:
+    """Cosine k-means of the rows of `x` `(N, D)`; rows with weight 0 (unmasked frames) are assigned a label but
+    do not move the centroids. Centroids start at `num_clusters` distinct weighted rows drawn with `generator`.
+    Returns the label of every row."""
+    x = F.normalize(x.float(), dim=-1)
+    weights = weights.float()
+    # tiny mass on the other rows keeps multinomial valid when fewer than k rows are weighted
+    init = torch.multinomial(weights + 1e-6, num_clusters, replacement=False, generator=generator)
+    centroids = x[init]
+    for _ in range(iterations):
+        labels = (x @ centroids.T).argmax(dim=-1)
+        one_hot = F.one_hot(labels, num_clusters).to(x.dtype) * weights[:, None]
+        sums = one_hot.T @ x
+        counts = one_hot.sum(0)[:, None]
+        centroids = torch.where(counts > 0, F.normalize(sums, dim=-1), centroids)
+    return (x @ centroids.T).argmax(dim=-1)
+
+
+def num_clusters_for(frames: int, cluster_factor: int) -> int:
+    """k = max(2, frames // cluster_factor), with frames the padded frame count of the batch."""
+    return max(2, frames // cluster_factor)
+
+
+def cluster_views(
+    quantized_views: torch.Tensor, mask: torch.Tensor, cluster_factor: int, iterations: int, generator=None
+) -> torch.LongTensor:
+    """One k-means over the masked frames of all views `(views, batch, frames, dim)` pooled; labels
+    `(views, batch, frames)`."""
+    views, batch, frames, dim = quantized_views.shape
+    weights = mask[None].expand(views, -1, -1).reshape(-1)
+    labels = spherical_kmeans(
+        quantized_views.detach().reshape(-1, dim),
+        weights,
+        num_clusters_for(frames, cluster_factor),
+        iterations,
+        generator,
+    )
+    return labels.view(views, batch, frames)
+
+
+def contrastive_logits(
+    anchors: torch.Tensor,
+    targets: torch.Tensor,
+    negative_indices: torch.LongTensor,
+    kappa: float,
+    cluster_labels: torch.LongTensor | None = None,
+    cluster_scale: float = 1.0,
+) -> torch.Tensor:
+    """Logits `(batch, frames, 1 + K)`: cosine(anchor, positive) / kappa at index 0, then the K negatives
+    `targets.flatten(0, 1)[negative_indices]`.
+
+    A negative in the same cluster as its positive has its logit multiplied by `cluster_scale` (0.3): this pulls it
+    toward zero, so a same-cluster negative with a *negative* cosine ends up with a higher logit. That is the
+    reference implementation's behaviour and is kept on purpose. A negative whose vector equals the positive's
+    gets -inf."""
+    batch, frames, dim = targets.shape
+    flat = targets.reshape(batch * frames, dim)
+    negatives = flat[negative_indices]  # (B, T, K, D)
+    candidates = torch.cat([targets[:, :, None], negatives], dim=2)
+    logits = F.cosine_similarity(anchors[:, :, None].float(), candidates.float(), dim=-1, eps=1e-8) / kappa
+    neg_logits = logits[..., 1:]
+    if cluster_labels is not None:
+        same_cluster = cluster_labels.reshape(-1)[negative_indices] == cluster_labels[:, :, None]
+        neg_logits = torch.where(same_cluster, neg_logits * cluster_scale, neg_logits)
+    equal_to_positive = (negatives == targets[:, :, None]).all(-1)
+    neg_logits = neg_logits.masked_fill(equal_to_positive, float("-inf"))
+    return torch.cat([logits[..., :1], neg_logits], dim=-1)
+
+
+def contrastive_loss_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the positive at index 0, summed over the masked frames."""
+    per_frame = torch.logsumexp(logits, dim=-1) - logits[..., 0]
+    return (per_frame * mask.to(per_frame.dtype)).sum()

@@ -1,0 +1,436 @@
+"""data2vec-aqc models: the data2vec-audio backbone of transformers plus the AQC pretraining objective.
+
+The backbone modules (`Data2VecAudioModel`, `Data2VecAudioEncoder`, ...) are transformers' own, imported, not
+copied; the state-dict names are the stock ones (`data2vec_audio.*`), so a fine-tuned `Data2VecAQCForCTC` exports
+to a stock `data2vec-audio` checkpoint with identical weights (see `export.py`).
+
+`Data2VecAQCForPreTraining.forward` follows the paper (spec sections 2-6) top to bottom:
+student view (augmented, masked) -> student encoder -> predictions; clean view -> EMA teacher -> targets;
+both views' CNN features -> Gumbel quantizer; cross-contrastive losses with k-means down-weighting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Data2VecAudioForCTC, Data2VecAudioModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutput
+from transformers.models.data2vec.modeling_data2vec_audio import (
+    Data2VecAudioEncoder,
+    Data2VecAudioPreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+from .augment import WaveformAugmenter, normalize_waveform
+from .configuration_data2vec_aqc import Data2VecAQCConfig
+from .contrastive import cluster_views, contrastive_logits, contrastive_loss_sum
+from .masking import compute_span_mask, sample_negative_indices
+from .quantizer import (
+    GumbelProductQuantizer,
+    diversity_loss,
+    gumbel_temperature,
+    masked_mean_probs,
+    perplexity_per_group,
+)
+from .teacher import FeedForwardRecorder, average_layer_targets, ema_decay, ema_update_
+
+__all__ = [
+    "Data2VecAQCPreTrainedModel",
+    "Data2VecAQCModel",
+    "Data2VecAQCForPreTraining",
+    "Data2VecAQCForCTC",
+    "Data2VecAQCForPreTrainingOutput",
+    "receptive_field",
+    "validate_input_values",
+]
+
+# Weights that exist only in pretraining checkpoints; a CTC or base model drops them silently on load.
+PRETRAINING_ONLY_KEYS = [r"^teacher\.", r"^quantizer\.", r"^project_q\.", r"^final_proj\.", r"^contr_proj\.",
+                         r"^num_updates$"]
+
+
+def receptive_field(config) -> int:
+    """Samples seen by one output frame of the CNN feature encoder (400 for the base model)."""
+    field, jump = 1, 1
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field
+
+
+def validate_input_values(input_values, attention_mask, config) -> None:
+    """Raise a `ValueError` that names the problem for inputs the model cannot use: wrong rank, empty batch, audio
+    shorter than the CNN's receptive field, NaN or infinite samples. Data-dependent checks cost one host sync and
+    are skipped while compiling."""
+    if not isinstance(input_values, torch.Tensor):
+        raise ValueError(f"input_values must be a torch.Tensor of shape (batch, samples), got {type(input_values)}")
+    if input_values.dim() != 2:
+        raise ValueError(
+            f"input_values must have shape (batch, samples) (mono audio at {config.sampling_rate} Hz), "
+            f"got rank {input_values.dim()} with shape {tuple(input_values.shape)}"
+        )
+    if input_values.shape[0] == 0:
+        raise ValueError("input_values is an empty batch (batch size 0)")
+    field = receptive_field(config)
+    if input_values.shape[1] < field:
+        raise ValueError(
+            f"audio of {input_values.shape[1]} samples is shorter than the feature encoder's receptive field "
+            f"({field} samples, {1000 * field / config.sampling_rate:.0f} ms at {config.sampling_rate} Hz)"
+        )
+    if attention_mask is not None and attention_mask.shape != input_values.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_values {tuple(input_values.shape)}"
+        )
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.isfinite(input_values).all()
+    shortest = attention_mask.sum(-1).min() if attention_mask is not None else torch.tensor(field)
+    finite, shortest = torch.stack([finite.long().cpu(), shortest.long().cpu()]).tolist()
+    if not finite:
+        raise ValueError("input_values contains NaN or infinite samples")
+    if shortest < field:
+        raise ValueError(
+            f"an utterance has {shortest} valid samples (attention_mask), fewer than the feature encoder's "
+            f"receptive field of {field} samples"
+        )
+
+
+class Data2VecAQCPreTrainedModel(Data2VecAudioPreTrainedModel):
+    """Shared config class and weight initialisation; the backbone prefix stays `data2vec_audio` (stock names)."""
+
+    config_class = Data2VecAQCConfig
+    config: Data2VecAQCConfig
+    base_model_prefix = "data2vec_audio"
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, GumbelProductQuantizer):
+            init.normal_(module.weight_proj.weight, mean=0.0, std=1.0)
+            init.zeros_(module.weight_proj.bias)
+            init.uniform_(module.codevectors)
+
+
+class Data2VecAQCModel(Data2VecAQCPreTrainedModel, Data2VecAudioModel):
+    """The bare data2vec-aqc encoder: transformers' `Data2VecAudioModel` with a `Data2VecAQCConfig`."""
+
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_ONLY_KEYS
+
+    def forward(self, input_values, attention_mask=None, mask_time_indices=None, **kwargs):
+        validate_input_values(input_values, attention_mask, self.config)
+        return super().forward(input_values, attention_mask=attention_mask, mask_time_indices=mask_time_indices,
+                               **kwargs)
+
+
+class Data2VecAQCForCTC(Data2VecAQCPreTrainedModel, Data2VecAudioForCTC):
+    """CTC head on the data2vec-aqc backbone; weight-identical to transformers' `Data2VecAudioForCTC` and exportable
+    as one with `data2vec_aqc_hf.export.save_as_data2vec_audio`. Loading a pretraining checkpoint drops the
+    teacher and pretraining heads and initialises only `lm_head`."""
+
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_ONLY_KEYS
+
+    def forward(self, input_values, attention_mask=None, labels=None, **kwargs) -> CausalLMOutput:
+        validate_input_values(input_values, attention_mask, self.config)
+        return super().forward(input_values, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+@dataclass
+class Data2VecAQCForPreTrainingOutput(ModelOutput):
+    """Output of [`Data2VecAQCForPreTraining`]. Losses are per masked frame unless stated; AQC-only terms are
+    `None` with `objective="data2vec"`.
+
+    Args:
+        loss: total loss `(L_reg_sum + w_s CE_s_sum + w_t CE_t_sum) / N_masked + w_div L_div + w_pen L_pen`.
+        regression_loss: sum over masked frames of ||pred - target||^2 * scale, divided by N_masked.
+        student_contrastive_loss: L_s summed over masked frames / N_masked (student vs clean codes).
+        teacher_contrastive_loss: L_t summed over masked frames / N_masked (teacher vs augmented codes).
+        diversity_loss: (G*V - perplexity) / (G*V) over the masked frames of both views.
+        feature_penalty: mean square of the clean view's CNN features (valid frames).
+        num_masked_frames: N_masked.
+        target_std / prediction_std: std over masked frames per channel, averaged over channels (collapse -> 0).
+        codebook_perplexity: perplexity of each codebook group `(G,)`.
+        gumbel_temperature / ema_decay: the schedules' current values.
+        mask_time_indices: the student's mask `(batch, frames)`.
+        last_hidden_state: the student's last hidden state `(batch, frames, hidden)`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    regression_loss: torch.FloatTensor | None = None
+    student_contrastive_loss: torch.FloatTensor | None = None
+    teacher_contrastive_loss: torch.FloatTensor | None = None
+    diversity_loss: torch.FloatTensor | None = None
+    feature_penalty: torch.FloatTensor | None = None
+    num_masked_frames: torch.Tensor | None = None
+    target_std: torch.FloatTensor | None = None
+    prediction_std: torch.FloatTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+    gumbel_temperature: torch.FloatTensor | None = None
+    ema_decay: torch.FloatTensor | None = None
+    mask_time_indices: torch.BoolTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+def masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sqrt(var over masked frames + 1e-6) per channel, averaged over channels (data2vec's `compute_var`)."""
+    w = mask.to(torch.float32)[..., None]
+    count = w.sum().clamp(min=2.0)
+    x = x.float()
+    mean = (x * w).sum((0, 1)) / count
+    var = ((x - mean).square() * w).sum((0, 1)) / (count - 1)
+    return torch.sqrt(var + 1e-6).mean()
+
+
+class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
+    """Student (`data2vec_audio`, a stock `Data2VecAudioModel`), EMA teacher (`teacher`, a stock
+    `Data2VecAudioEncoder`, never trained by the optimizer), augmenter, quantizer and heads.
+
+    After each optimizer step call `model.update_teacher()`: it moves the teacher toward the student (EMA) and
+    advances `num_updates`, which drives the EMA decay and Gumbel temperature schedules and is saved with the
+    model so that training resumes exactly.
+    """
+
+    def __init__(self, config: Data2VecAQCConfig):
+        super().__init__(config)
+        self.data2vec_audio = Data2VecAudioModel(config)
+        self.teacher = Data2VecAudioEncoder(config)
+        self.final_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        if config.use_aqc:
+            self.augmenter = WaveformAugmenter(config)
+            self.quantizer = GumbelProductQuantizer(
+                config.conv_dim[-1], config.num_codevector_groups, config.num_codevectors_per_group,
+                config.codevector_dim,
+            )
+            self.project_q = nn.Linear(config.codevector_dim, config.proj_codevector_dim)
+            self.contr_proj = nn.Linear(config.hidden_size, config.proj_codevector_dim)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.post_init()
+        self.reset_teacher()
+        top = self.teacher.layers[-config.num_target_layers:]
+        self._target_recorder = FeedForwardRecorder([layer.feed_forward for layer in top])
+
+    # ----- teacher ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_teacher(self) -> None:
+        """Make the teacher an exact copy of the student's encoder (start of pretraining)."""
+        self.teacher.load_state_dict(self.data2vec_audio.encoder.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout or layerdrop
+        return self
+
+    def current_ema_decay(self) -> torch.Tensor:
+        c = self.config
+        return ema_decay(self.num_updates, c.ema_decay_start, c.ema_decay_end, c.ema_anneal_steps)
+
+    def current_gumbel_temperature(self) -> torch.Tensor:
+        c = self.config
+        return gumbel_temperature(self.num_updates, c.max_gumbel_temperature, c.min_gumbel_temperature,
+                                  c.gumbel_temperature_decay)
+
+    @torch.no_grad()
+    def update_teacher(self) -> float:
+        """EMA step `teacher <- tau teacher + (1 - tau) student` (positional conv copied, not averaged), then
+        `num_updates += 1`. Call after every optimizer step. Returns the tau used."""
+        decay = float(self.current_ema_decay())
+        ema_update_(self.teacher, self.data2vec_audio.encoder, decay, copy_prefixes=("pos_conv_embed.",))
+        self.num_updates += 1
+        return decay
+
+    @torch.no_grad()
+    def teacher_targets(self, projected_features: torch.Tensor, frame_valid: torch.Tensor | None) -> torch.Tensor:
+        """data2vec targets `(batch, frames, hidden)` in fp32: the teacher encodes the clean, unmasked projected
+        features; the FFN outputs (before the residual add) of its top K layers are instance-normalised over time
+        (padding excluded) and averaged."""
+        self.teacher(projected_features.detach().clone(), attention_mask=frame_valid)
+        return average_layer_targets(self._target_recorder.pop(), frame_valid,
+                                     self.config.instance_norm_target_layers)
+
+    def student_parameters(self):
+        """The trainable parameters (everything but the teacher): what the optimizer should get."""
+        return [p for n, p in self.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; a checkpoint without teacher weights (a stock data2vec-audio or CTC
+        model) starts the teacher as a copy of the loaded student."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if any(key.startswith("teacher.") for key in info["missing_keys"]):
+            model.reset_teacher()
+        model.teacher.requires_grad_(False)
+        return (model, info) if want_info else model
+
+    def freeze_feature_encoder(self):
+        self.data2vec_audio.freeze_feature_encoder()
+
+    # ----- the objective -----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask_time_indices: torch.BoolTensor | None = None,
+        sampled_negative_indices: torch.LongTensor | None = None,
+        augmented_input_values: torch.Tensor | None = None,
+        cluster_labels: torch.LongTensor | None = None,
+        deterministic_quantizer: bool | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Data2VecAQCForPreTrainingOutput:
+        r"""
+        input_values (`(batch, samples)`): raw or normalised 16 kHz audio, zero-padded; each view is normalised
+            per utterance inside the model.
+        attention_mask (`(batch, samples)`, optional): 1 for real samples, 0 for padding.
+        mask_time_indices (`(batch, frames)` bool, optional): the student's mask; drawn with `generator` if None.
+        sampled_negative_indices (`(2, batch, frames, K)` or `(batch, frames, K)`, optional): indices into the
+            flattened `(batch * frames)` frames, as in `Wav2Vec2ForPreTraining`; `[0]` for L_s (clean codes),
+            `[1]` for L_t (augmented codes); a 3-D tensor serves both.
+        augmented_input_values (`(batch, samples)`, optional): the student's augmented audio; skips the augmenter.
+        cluster_labels (`(2, batch, frames)`, optional): k-means labels of the clean `[0]` and augmented `[1]`
+            quantized frames; skips the k-means.
+        deterministic_quantizer (`bool`, optional): hard arg-max codes without Gumbel noise (default: eval mode).
+        generator (`torch.Generator`, optional): the source of every random draw of the step (on the inputs'
+            device), making a step reproducible from a seed.
+        """
+        config = self.config
+        validate_input_values(input_values, attention_mask, config)
+        batch, samples = input_values.shape
+        sample_valid = (attention_mask.bool() if attention_mask is not None
+                        else torch.ones_like(input_values, dtype=torch.bool))
+
+        # 1. the two views: clean (teacher, clean quantizer view) and augmented (student); each normalised
+        clean = normalize_waveform(input_values.float(), sample_valid)
+        if config.use_aqc:
+            if augmented_input_values is None:
+                augmented_input_values = self.augmenter(input_values, sample_valid, generator)
+            elif augmented_input_values.shape != input_values.shape:
+                raise ValueError(
+                    f"augmented_input_values shape {tuple(augmented_input_values.shape)} differs from "
+                    f"input_values {tuple(input_values.shape)}"
+                )
+            student_view = normalize_waveform(augmented_input_values.float(), sample_valid)
+        else:
+            student_view = clean
+
+        # 2. CNN features of each view; frame-level padding mask
+        backbone = self.data2vec_audio
+        student_features = backbone.feature_extractor(student_view).transpose(1, 2)
+        frames = student_features.shape[1]
+        frame_valid = (backbone._get_feature_vector_attention_mask(frames, attention_mask)
+                       if attention_mask is not None else None)
+        clean_features = (backbone.feature_extractor(clean).transpose(1, 2) if config.use_aqc
+                          else student_features)
+
+        # 3. span mask (student only)
+        if mask_time_indices is None:
+            frame_lengths = frame_valid.sum(-1) if frame_valid is not None else None
+            mask_time_indices = compute_span_mask(
+                (batch, frames), config.mask_time_prob, config.mask_time_length, frame_lengths,
+                config.mask_time_min_masks, generator, device=input_values.device,
+            )
+        mask = mask_time_indices.to(torch.bool)
+        if frame_valid is not None:
+            mask = mask & frame_valid
+        mask_f = mask.to(torch.float32)
+        num_masked = mask_f.sum()
+        denominator = num_masked.clamp(min=1.0)
+
+        # 4. student: project, replace masked frames by the learned mask embedding, encode, predict
+        student_hidden, student_norm = backbone.feature_projection(student_features)
+        mask_embed = backbone.masked_spec_embed.to(student_hidden.dtype)
+        student_hidden = torch.where(mask[..., None], mask_embed, student_hidden)
+        student_out = backbone.encoder(student_hidden, attention_mask=frame_valid).last_hidden_state
+        prediction = self.final_proj(student_out)
+
+        # 5. teacher: clean, unmasked, pre-dropout projected features -> average of top-K instance-normed FFN outputs
+        clean_norm = backbone.feature_projection.layer_norm(clean_features)
+        with torch.no_grad():
+            targets = self.teacher_targets(backbone.feature_projection.projection(clean_norm), frame_valid)
+
+        # 6. regression loss (data2vec, loss_beta = 0)
+        scale = config.regression_loss_scale or 1.0 / math.sqrt(config.hidden_size)
+        squared_error = (prediction.float() - targets).square().sum(-1) * scale
+        regression_sum = (squared_error * mask_f).sum()
+        loss = regression_sum / denominator
+
+        out = Data2VecAQCForPreTrainingOutput(
+            regression_loss=regression_sum / denominator,
+            num_masked_frames=num_masked,
+            target_std=masked_std(targets, mask).detach(),
+            prediction_std=masked_std(prediction, mask).detach(),
+            ema_decay=self.current_ema_decay().float(),
+            mask_time_indices=mask,
+            last_hidden_state=student_out,
+        )
+        if config.use_aqc:
+            aqc_loss = self._aqc_losses(out, clean_features, clean_norm, student_norm, student_out, targets, mask,
+                                        frame_valid, sampled_negative_indices, cluster_labels,
+                                        deterministic_quantizer, generator, denominator)
+            loss = loss + aqc_loss
+        out.loss = loss
+        return out
+
+    def _aqc_losses(self, out, clean_features, clean_norm, student_norm, student_out, targets, mask, frame_valid,
+                    sampled_negative_indices, cluster_labels, deterministic_quantizer, generator, denominator):
+        """Quantization (spec 4) and cross-contrastive losses with clustering (spec 5); fills `out`, returns the
+        weighted sum added to the regression loss."""
+        config = self.config
+        batch, frames = mask.shape
+
+        # quantize both views' CNN features in one call; diversity over the masked frames of both
+        temperature = self.current_gumbel_temperature().to(clean_norm.device)
+        codes, soft_probs = self.quantizer(torch.cat([clean_norm, student_norm]), temperature,
+                                           deterministic_quantizer, generator)
+        marginal = masked_mean_probs(soft_probs, torch.cat([mask, mask]))
+        quantized = self.project_q(codes)
+        quantized_clean, quantized_aug = quantized[:batch], quantized[batch:]
+
+        # feature penalty on the clean view (wav2vec 2.0), valid frames only
+        squared = clean_features.float().square().mean(-1)
+        if frame_valid is None:
+            penalty = squared.mean()
+        else:
+            penalty = (squared * frame_valid).sum() / frame_valid.sum().clamp(min=1)
+
+        # negatives: other masked frames of the same utterance, one set per loss
+        if sampled_negative_indices is None:
+            sampled_negative_indices = torch.stack([
+                sample_negative_indices(mask, config.num_negatives, generator) for _ in range(2)
+            ])
+        elif sampled_negative_indices.dim() == 3:
+            sampled_negative_indices = sampled_negative_indices[None].expand(2, -1, -1, -1)
+
+        # clustering: one k-means over both views' masked quantized frames
+        if cluster_labels is None:
+            cluster_labels = cluster_views(torch.stack([quantized_clean, quantized_aug]), mask,
+                                           config.cluster_factor, config.cluster_iterations, generator)
+
+        kappa, cluster_scale = config.contrastive_logits_temperature, config.cluster_scale_factor
+        student_anchor = self.contr_proj(student_out)
+        teacher_anchor = self.contr_proj(targets.to(student_anchor.dtype))
+        logits_s = contrastive_logits(student_anchor, quantized_clean, sampled_negative_indices[0], kappa,
+                                      cluster_labels[0], cluster_scale)
+        logits_t = contrastive_logits(teacher_anchor, quantized_aug, sampled_negative_indices[1], kappa,
+                                      cluster_labels[1], cluster_scale)
+        student_sum = contrastive_loss_sum(logits_s, mask)
+        teacher_sum = contrastive_loss_sum(logits_t, mask)
+
+        out.student_contrastive_loss = student_sum / denominator
+        out.teacher_contrastive_loss = teacher_sum / denominator
+        out.diversity_loss = diversity_loss(marginal)
+        out.feature_penalty = penalty
+        out.codebook_perplexity = perplexity_per_group(marginal).detach()
+        out.gumbel_temperature = temperature.float()
+        return (
+            (config.student_contrastive_weight * student_sum + config.teacher_contrastive_weight * teacher_sum)
+            / denominator
+            + config.diversity_loss_weight * out.diversity_loss
+            + config.feature_penalty_weight * penalty
+        )

@@ -1,0 +1,38 @@
+"""Copy the small demo subset of ../shared/speech_corpus into data/demo (run once by maintainers; the result is
+committed). FSDD: 4 utterances per digit per speaker; LibriSpeech train-clean-100: 8 unlabeled utterances."""
+
+import csv
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+src = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/speech_corpus")
+dst = Path("data/demo")
+rows = list(csv.DictReader(open(src / "metadata.csv")))
+prov = {r["file_name"]: r for r in csv.DictReader(open(src / "provenance.csv"))}
+picked, count = [], defaultdict(int)
+for r in rows:
+    if r["file_name"].startswith("audio/fsdd/"):
+        key = (r["speaker_id"], r["text"])
+        if count[key] < 4:
+            count[key] += 1
+            picked.append(r)
+unlabeled = list(csv.DictReader(open(src / "unlabeled.csv")))[:8]
+for r in picked + unlabeled:
+    (dst / r["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / r["file_name"], dst / r["file_name"])
+with open(dst / "metadata.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, ["file_name", "text", "speaker_id"])
+    w.writeheader()
+    w.writerows(picked)
+with open(dst / "unlabeled.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, ["file_name", "speaker_id"])
+    w.writeheader()
+    w.writerows(unlabeled)
+with open(dst / "provenance.csv", "w", newline="") as f:
+    fields = list(next(iter(prov.values())).keys())
+    w = csv.DictWriter(f, fields)
+    w.writeheader()
+    w.writerows(prov[r["file_name"]] for r in picked + unlabeled)
+print(len(picked), "labelled,", len(unlabeled), "unlabelled files")

@@ -1,0 +1,58 @@
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+SHARED = ROOT.parent / "shared" / "speech_corpus"
+
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable here; fail fast instead of retrying
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides):
+    from data2vec_aqc_hf import Data2VecAQCConfig
+
+    return Data2VecAQCConfig.from_preset("tiny", **overrides)
+
+
+def demo_unlabeled_paths():
+    rows = list(csv.DictReader(open(DEMO / "unlabeled.csv")))
+    return [DEMO / r["file_name"] for r in rows]
+
+
+def real_speech_batch(n=4, seconds=2.0, offset_seconds=1.0):
+    """`n` real LibriSpeech utterances (vendored), cropped to `seconds`, the last one shorter (padding)."""
+    from data2vec_aqc_hf.audio import load_audio
+
+    length = int(seconds * 16000)
+    waves, lengths = [], []
+    for i, path in enumerate(demo_unlabeled_paths()[:n]):
+        audio = load_audio(path)
+        start = int(offset_seconds * 16000)
+        crop = audio[start : start + length]
+        if i == n - 1:
+            crop = crop[: int(length * 0.7)]
+        waves.append(crop)
+        lengths.append(len(crop))
+    x = torch.zeros(n, length)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for i, w in enumerate(waves):
+        x[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w))
+        mask[i, : len(w)] = 1
+    return x, mask
+
+
+@pytest.fixture
+def speech_batch():
+    return real_speech_batch()
+
+
+def needs_shared():
+    return pytest.mark.skipif(not SHARED.exists(), reason=f"needs the shared speech corpus at {SHARED}")

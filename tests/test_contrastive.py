@@ -1,0 +1,86 @@
+import torch
+import torch.nn.functional as F
+
+from data2vec_aqc_hf.contrastive import (
+    cluster_views,
+    contrastive_logits,
+    contrastive_loss_sum,
+    num_clusters_for,
+    spherical_kmeans,
+)
+
+
+def _setup():
+    torch.manual_seed(0)
+    anchors = torch.randn(1, 4, 3)
+    targets = torch.randn(1, 4, 3)
+    negatives = torch.tensor([[[1, 2], [0, 2], [0, 1], [0, 0]]])
+    return anchors, targets, negatives
+
+
+def test_logits_hand_computed():
+    anchors, targets, negatives = _setup()
+    logits = contrastive_logits(anchors, targets, negatives, kappa=0.1)
+    for t in range(3):
+        cands = [t] + negatives[0, t].tolist()
+        expected = torch.stack([F.cosine_similarity(anchors[0, t], targets[0, c], dim=0) for c in cands]) / 0.1
+        assert torch.allclose(logits[0, t], expected, atol=1e-5)
+    # frame 3's negatives point at frame 0 (different vector): finite
+    assert torch.isfinite(logits[0, 3]).all()
+
+
+def test_negative_equal_to_positive_gets_minus_inf():
+    anchors, targets, negatives = _setup()
+    targets[0, 2] = targets[0, 0]  # frame 2 has the same quantized vector as frame 0
+    logits = contrastive_logits(anchors, targets, negatives, kappa=0.1)
+    assert logits[0, 0, 2] == float("-inf")  # frame 0's negative #2 is frame 2
+    assert logits[0, 2, 1] == float("-inf")  # frame 2's negative #1 is frame 0
+    assert torch.isfinite(logits[0, 1]).all()
+
+
+def test_clustering_scales_exactly_the_same_cluster_negatives():
+    anchors, targets, negatives = _setup()
+    labels = torch.tensor([[0, 1, 0, 1]])
+    plain = contrastive_logits(anchors, targets, negatives, 0.1)
+    scaled = contrastive_logits(anchors, targets, negatives, 0.1, labels, 0.3)
+    same = labels.reshape(-1)[negatives] == labels[:, :, None]
+    assert same.any() and (~same).any()
+    assert torch.equal(scaled[..., 0], plain[..., 0])  # the positive is never scaled
+    assert torch.allclose(scaled[..., 1:][same], 0.3 * plain[..., 1:][same])
+    assert torch.equal(scaled[..., 1:][~same], plain[..., 1:][~same])
+
+
+def test_loss_sum_is_cross_entropy_over_masked_frames():
+    logits = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 0]], dtype=torch.bool)
+    expected = F.cross_entropy(logits[mask], torch.zeros(int(mask.sum()), dtype=torch.long), reduction="sum")
+    assert torch.allclose(contrastive_loss_sum(logits, mask), expected, atol=1e-5)
+    # a row whose negatives are all -inf costs nothing
+    logits[0, 0, 1:] = float("-inf")
+    assert contrastive_loss_sum(logits, torch.tensor([[1, 0, 0, 0, 0], [0] * 5], dtype=torch.bool)).item() == 0.0
+
+
+def test_spherical_kmeans_recovers_clusters_and_ignores_unweighted_rows():
+    g = torch.Generator().manual_seed(1)
+    centers = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    x = torch.cat([c + 0.05 * torch.randn(30, 8, generator=g) for c in centers])
+    truth = torch.arange(3).repeat_interleave(30)
+    outliers = 50 * torch.randn(10, 8, generator=g)
+    weights = torch.cat([torch.ones(90), torch.zeros(10)])
+    labels = spherical_kmeans(torch.cat([x, outliers]), weights, 3, 10, torch.Generator().manual_seed(2))[:90]
+    # a perfect partition up to relabelling
+    for k in range(3):
+        assert labels[truth == k].unique().numel() == 1
+    assert labels.unique().numel() == 3
+
+
+def test_cluster_views_pools_views_and_uses_k_from_frames():
+    assert num_clusters_for(20, 16) == 2 and num_clusters_for(499, 16) == 31
+    q = torch.randn(2, 3, 40, 6)
+    mask = torch.rand(3, 40) > 0.5
+    labels = cluster_views(q, mask, 16, 5, torch.Generator().manual_seed(3))
+    assert labels.shape == (2, 3, 40) and labels.max() < 2
+    # identical vectors in the two views share a cluster (one k-means over both)
+    q[1] = q[0]
+    labels = cluster_views(q, mask, 16, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(labels[0], labels[1])
