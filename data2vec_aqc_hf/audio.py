@@ -34,11 +34,18 @@ def prepare_audio(
     source: str = "<array>",
     target_sr: int = TARGET_SAMPLING_RATE,
     min_samples: int = 0,
+    channel: int | None = None,
 ) -> np.ndarray:
-    """Mono float32 at `target_sr`, checked: not empty, finite, not all zero, at least `min_samples` long."""
+    """Mono float32 at `target_sr`, checked: not empty, finite, not all zero, at least `min_samples` long.
+    Multi-channel audio is averaged, or one `channel` is taken (e.g. one speaker of a telephone call)."""
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 2:  # (samples, channels) as soundfile returns it
-        audio = audio.mean(axis=1)
+        if channel is not None:
+            if channel >= audio.shape[1]:
+                raise AudioError(f"{source}: has {audio.shape[1]} channel(s), channel {channel} was asked for")
+            audio = audio[:, channel]
+        else:
+            audio = audio.mean(axis=1)
     elif audio.ndim != 1:
         raise AudioError(f"{source}: expected mono or (samples, channels) audio, got shape {audio.shape}")
     if audio.size == 0:
@@ -63,10 +70,13 @@ def load_audio(
     target_sr: int = TARGET_SAMPLING_RATE,
     min_samples: int = 0,
     name: str | None = None,
+    channel: int | None = None,
 ) -> np.ndarray:
     """Read a file path (or the bytes of an encoded file, as `datasets.Audio(decode=False)` gives them), return mono
     float32 at `target_sr`. Formats are those of libsndfile (WAV, FLAC, OGG, MP3, NIST SPHERE, ...)."""
     name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    if not isinstance(source, bytes) and not os.path.exists(source):
+        raise AudioError(f"{name}: file not found")
     try:
         data, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
                            always_2d=True)
@@ -74,22 +84,24 @@ def load_audio(
         raise AudioError(f"{name}: file not found") from err
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioError(f"{name}: cannot decode audio ({err})") from err
-    return prepare_audio(data, sr, name, target_sr, min_samples)
+    return prepare_audio(data, sr, name, target_sr, min_samples, channel)
 
 
 def load_audio_example(example: dict, audio_column: str = "audio", target_sr: int = TARGET_SAMPLING_RATE,
-                       min_samples: int = 0) -> np.ndarray:
+                       min_samples: int = 0, channel: int | None = None) -> np.ndarray:
     """Audio of a `datasets` example whose column was cast with `Audio(decode=False)` (`{"bytes", "path"}`), or
     holds a decoded `{"array", "sampling_rate"}` dict, or a plain path string."""
     value = example[audio_column]
     if isinstance(value, str):
-        return load_audio(value, target_sr, min_samples)
+        return load_audio(value, target_sr, min_samples, channel=channel)
     if isinstance(value, dict):
         name = value.get("path") or "<bytes>"
         if value.get("bytes") is not None:
-            return load_audio(value["bytes"], target_sr, min_samples, name=name)
+            return load_audio(value["bytes"], target_sr, min_samples, name=name, channel=channel)
         if value.get("array") is not None:
-            return prepare_audio(value["array"], value["sampling_rate"], name, target_sr, min_samples)
+            array = np.asarray(value["array"])
+            array = array.T if array.ndim == 2 else array  # datasets gives (channels, samples)
+            return prepare_audio(array, value["sampling_rate"], name, target_sr, min_samples, channel)
         if value.get("path"):
-            return load_audio(value["path"], target_sr, min_samples)
+            return load_audio(value["path"], target_sr, min_samples, channel=channel)
     raise AudioError(f"column {audio_column!r}: unsupported audio value of type {type(value).__name__}")

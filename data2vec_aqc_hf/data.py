@@ -1,0 +1,255 @@
+"""Pretraining data: sources (Hub streaming, audiofolder directory, CSV manifest, fairseq .tsv), random crops and
+batches bounded by total audio samples, sharded across processes and dataloader workers.
+
+Every source becomes a stream of examples `{"audio": <path | {"bytes", "path"}>, "channel": int | None}` that the
+package's one audio loader (`audio.load_audio_example`) decodes to mono 16 kHz. Unusable files (unreadable, empty,
+silent, too short) are skipped with a warning naming the file and counted in `DataStats`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".flac", ".wav", ".mp3", ".ogg", ".opus", ".sph", ".aiff", ".aif")
+
+# Hub ids that need per-dataset defaults
+LIBRISPEECH = "openslr/librispeech_asr"
+LIBRISPEECH_960H = ("train.clean.100", "train.clean.360", "train.other.500")
+
+
+class NoUsableAudioError(RuntimeError):
+    """The dataset produced no usable audio at all."""
+
+
+# ----- local sources ---------------------------------------------------------------------------------------------
+def audiofolder_items(directory: str | Path) -> list[dict]:
+    """Every audio file under `directory` (recursively, sorted), the layout of `datasets`' audiofolder."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"{directory}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
+    return [{"audio": str(p), "channel": None} for p in files]
+
+
+def csv_manifest_items(manifest: str | Path, path_column: str = "file_name") -> list[dict]:
+    """A CSV with a `file_name` column (paths relative to the CSV's folder, or absolute)."""
+    manifest = Path(manifest)
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        if path_column not in (reader.fieldnames or []):
+            raise ValueError(f"{manifest}: no {path_column!r} column (columns: {reader.fieldnames})")
+        rows = list(reader)
+    return [{"audio": str(manifest.parent / r[path_column]), "channel": None} for r in rows]
+
+
+def fairseq_tsv_items(manifest: str | Path) -> list[dict]:
+    """A fairseq manifest: first line the root folder, then `relative_path<TAB>num_samples` per line."""
+    manifest = Path(manifest)
+    lines = manifest.read_text().splitlines()
+    if not lines:
+        raise ValueError(f"{manifest}: empty fairseq manifest (expected a root line, then path<TAB>num_samples)")
+    root = Path(lines[0].strip())
+    if not root.is_absolute():
+        root = manifest.parent / root
+    items = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[1].strip().isdigit():
+            raise ValueError(f"{manifest}:{number}: expected 'path<TAB>num_samples', got {line!r}")
+        items.append({"audio": str(root / parts[0]), "channel": None})
+    return items
+
+
+def local_items(path: str | Path) -> list[dict]:
+    """Items of a local corpus: a directory (audiofolder), a `.csv` manifest or a fairseq `.tsv` manifest."""
+    path = Path(path)
+    if path.is_dir():
+        return audiofolder_items(path)
+    if path.suffix == ".csv":
+        return csv_manifest_items(path)
+    if path.suffix == ".tsv":
+        return fairseq_tsv_items(path)
+    raise ValueError(f"{path}: expected a directory, a .csv manifest or a fairseq .tsv manifest")
+
+
+# ----- Hub sources -----------------------------------------------------------------------------------------------
+def load_hub_audio(
+    dataset_name: str,
+    config_name: str | None = None,
+    splits: str | list[str] = "train",
+    audio_column: str = "audio",
+    streaming: bool = True,
+    split_channels: bool = False,
+    **load_kwargs,
+):
+    """A streamed Hub dataset (LibriSpeech, Switchboard, ...) as `{"audio", "channel"}` examples.
+
+    `splits` may combine several with `+` (e.g. `"train.clean.100+train.clean.360+train.other.500"` is
+    LibriSpeech 960 h). Audio is not decoded by `datasets` (`Audio(decode=False)`): the package's loader does it,
+    so no torchcodec/ffmpeg is needed. With `split_channels=True` (two-channel telephone audio such as
+    Switchboard, one speaker per channel) each recording yields one example per channel.
+    `load_kwargs` go to `datasets.load_dataset` (e.g. `data_files` for a local dataset of the same schema)."""
+    import datasets
+
+    if isinstance(splits, str):
+        splits = [s for s in splits.split("+") if s]
+    parts = []
+    for split in splits:
+        ds = datasets.load_dataset(dataset_name, config_name, split=split, streaming=streaming, **load_kwargs)
+        if audio_column not in ds.column_names:
+            raise ValueError(f"{dataset_name} [{split}]: no audio column {audio_column!r} (columns: {ds.column_names})")
+        ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
+        ds = ds.select_columns([audio_column])
+        if audio_column != "audio":
+            ds = ds.rename_column(audio_column, "audio")
+        parts.append(ds)
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    channels = [0, 1] if split_channels else [None]
+
+    def expand(batch):
+        audio = [a for a in batch["audio"] for _ in channels]
+        return {"audio": audio, "channel": channels * len(batch["audio"])}
+
+    return ds.map(expand, batched=True, remove_columns=["audio"])
+
+
+# ----- crops, batches, sharding ---------------------------------------------------------------------------------
+@dataclass
+class DataStats:
+    """Counts of what the stream saw; `skipped` lists `(file, reason)` of the unusable files."""
+
+    loaded: int = 0
+    cropped: int = 0
+    skipped: list = field(default_factory=list)
+
+    def as_dict(self):
+        return {"loaded": self.loaded, "cropped": self.cropped, "skipped": len(self.skipped)}
+
+
+def random_crop(audio: np.ndarray, max_samples: int, rng: random.Random) -> np.ndarray:
+    """A uniformly placed window of at most `max_samples`."""
+    if len(audio) <= max_samples:
+        return audio
+    start = rng.randrange(0, len(audio) - max_samples + 1)
+    return audio[start : start + max_samples]
+
+
+def normalize(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance (as `Wav2Vec2FeatureExtractor(do_normalize=True)`)."""
+    return ((audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)).astype(np.float32)
+
+
+def collate_audio(waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Zero-pad to the longest; `attention_mask` marks real samples."""
+    longest = max(len(w) for w in waves)
+    input_values = torch.zeros(len(waves), longest)
+    attention_mask = torch.zeros(len(waves), longest, dtype=torch.long)
+    for i, w in enumerate(waves):
+        input_values[i, : len(w)] = torch.from_numpy(w)
+        attention_mask[i, : len(w)] = 1
+    return {"input_values": input_values, "attention_mask": attention_mask}
+
+
+class PretrainingStream(torch.utils.data.IterableDataset):
+    """Batches for pretraining, from a list of local items or a (streamed) Hub dataset.
+
+    * rank `r` of `world_size` takes every `world_size`-th example, and dataloader worker `w` of `n` every `n`-th of
+      those (a Hub stream is split with `datasets.distributed.split_dataset_by_node`), so each example of an epoch
+      goes to exactly one place;
+    * examples are shuffled per epoch (seed + epoch), cropped at random to `max_samples`, those shorter than
+      `min_samples` are skipped (counted as too short);
+    * a batch holds as many utterances as fit in `max_batch_samples` padded samples.
+    Iteration is deterministic given (seed, epoch, rank, worker), which is what makes resuming exact.
+    """
+
+    def __init__(self, source, min_samples: int, max_samples: int, max_batch_samples: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, stats: DataStats | None = None):
+        super().__init__()
+        if max_batch_samples < max_samples:
+            raise ValueError(f"max_batch_samples={max_batch_samples} must be >= max_samples={max_samples}")
+        self.source, self.min_samples, self.max_samples = source, min_samples, max_samples
+        self.max_batch_samples, self.seed, self.rank, self.world_size = max_batch_samples, seed, rank, world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.stats = stats or DataStats()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _examples(self, worker: int, num_workers: int) -> Iterator[dict]:
+        if isinstance(self.source, list):
+            order = list(range(len(self.source)))
+            random.Random(self.seed + self.epoch).shuffle(order)
+            mine = order[self.rank :: self.world_size][worker::num_workers]
+            yield from (self.source[i] for i in mine)
+        else:  # a datasets IterableDataset: datasets splits it over workers itself
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(self.source, rank=self.rank, world_size=self.world_size)
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            ds.set_epoch(self.epoch)
+            yield from ds
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        pending: list[np.ndarray] = []
+        for example in self._examples(worker, num_workers):
+            name = example["audio"] if isinstance(example["audio"], str) else (example["audio"] or {}).get("path")
+            try:
+                audio = load_audio_example(example, "audio", channel=example.get("channel"))
+            except AudioError as err:
+                self._skip(name, str(err))
+                continue
+            if len(audio) < self.min_samples:
+                self._skip(name, f"{len(audio) / TARGET_SAMPLING_RATE:.2f} s is shorter than the minimum "
+                                 f"{self.min_samples / TARGET_SAMPLING_RATE:.2f} s")
+                continue
+            self.stats.loaded += 1
+            if len(audio) > self.max_samples:
+                self.stats.cropped += 1
+            crop = normalize(random_crop(audio, self.max_samples, rng))
+            longest = max([len(crop)] + [len(w) for w in pending])
+            if pending and longest * (len(pending) + 1) > self.max_batch_samples:
+                yield collate_audio(pending)
+                pending = []
+            pending.append(crop)
+        if pending:
+            yield collate_audio(pending)
+
+    def _skip(self, name, reason):
+        self.stats.skipped.append((name, reason))
+        logger.warning("skipping %s", reason if name and str(name) in reason else f"{name}: {reason}")
+
+
+def check_usable(stats: DataStats, source_description: str) -> None:
+    """Stop with a clear error when an epoch yielded no usable audio."""
+    if stats.loaded == 0:
+        examples = "; ".join(f"{n}: {r}" for n, r in stats.skipped[:3])
+        raise NoUsableAudioError(
+            f"{source_description}: no usable audio ({len(stats.skipped)} file(s) skipped{': ' + examples if examples else ''})"
+        )
+
+
+def hours(num_samples: float) -> float:
+    return num_samples / TARGET_SAMPLING_RATE / 3600.0
+
+
+def steps_per_epoch_estimate(num_items: int, mean_samples: float, max_batch_samples: int) -> int:
+    return max(1, math.ceil(num_items * mean_samples / max_batch_samples))

@@ -1,0 +1,388 @@
+"""The pretraining loop with accelerate: the library side of `training/pretrain.py`.
+
+A step, top to bottom: forward (the objective lives in the model) -> backward -> clip -> optimizer and scheduler
+step -> EMA teacher update (advances the temperature/EMA schedules) -> log -> maybe checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import Wav2Vec2FeatureExtractor
+
+from .audio import TARGET_SAMPLING_RATE
+from .configuration_data2vec_aqc import Data2VecAQCConfig
+from .data import DataStats, PretrainingStream, check_usable, hours, load_hub_audio, local_items
+from .modeling_data2vec_aqc import Data2VecAQCForPreTraining
+from .schedules import tri_stage_schedule
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class PretrainingArguments:
+    """Options of `training/pretrain.py` (flags, or a YAML/JSON file given as the only argument)."""
+
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Where checkpoints and the model go."})
+    # model
+    model_preset: str = field(default="base", metadata={"help": "Config preset: 'base' (paper, 95M) or 'tiny'."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Start from this checkpoint."})
+    config_overrides: str | None = field(default=None, metadata={"help": "JSON dict of config fields to change."})
+    objective: str = field(default="aqc", metadata={"help": "'aqc' or 'data2vec' (ablation)."})
+    # data
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id, e.g. openslr/librispeech_asr."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config, e.g. 'all' or 'clean'."})
+    train_split_name: str = field(default="train.clean.100+train.clean.360+train.other.500",
+                                  metadata={"help": "Split(s), '+'-joined (LibriSpeech 960 h by default)."})
+    audio_column_name: str = field(default="audio")
+    split_channels: bool = field(default=False, metadata={"help": "Two-channel audio: one example per channel."})
+    train_data: str | None = field(default=None, metadata={"help": "Local: audio dir, .csv or fairseq .tsv."})
+    noise_dir: str | None = field(default=None, metadata={"help": "Background noise clips (e.g. MUSAN noise)."})
+    min_duration_in_seconds: float = 2.0
+    max_duration_in_seconds: float = 20.0
+    max_batch_duration_in_seconds: float = 240.0
+    dataloader_num_workers: int = 0
+    # optimisation (data2vec-aqc base recipe)
+    learning_rate: float = 5e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+    weight_decay: float = 0.01
+    max_grad_norm: float = 10.0
+    warmup_ratio: float = 0.03
+    hold_ratio: float = 0.9
+    decay_ratio: float = 0.07
+    max_steps: int = 400_000
+    stop_after_steps: int | None = field(default=None, metadata={"help": "Stop (and checkpoint) early at this step; "
+                                                                         "the schedule still spans max_steps."})
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (the teacher stays fp32)."})
+    seed: int = 0
+    # observability, checkpoints, hub
+    logging_steps: int = 10
+    save_steps: int = 1000
+    save_total_limit: int = 3
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint dir or 'latest'."})
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private_repo: bool | None = None
+    push_checkpoints: bool = False
+    report_to: str = "tensorboard"
+
+    def __post_init__(self):
+        if (self.dataset_name is None) == (self.train_data is None):
+            raise ValueError("give exactly one of --dataset_name (Hub) or --train_data (local dir/.csv/.tsv)")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id")
+        if self.min_duration_in_seconds > self.max_duration_in_seconds:
+            raise ValueError("min_duration_in_seconds must be <= max_duration_in_seconds")
+
+
+class TrainingState:
+    """Step counter, data position and the step's random generator; saved in every checkpoint."""
+
+    def __init__(self, seed: int, device):
+        self.step, self.epoch, self.batches_in_epoch, self.samples_seen = 0, 0, 0, 0
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def state_dict(self):
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                "samples_seen": self.samples_seen, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batches_in_epoch, self.samples_seen = int(state["batches_in_epoch"]), int(state["samples_seen"])
+        self.generator.set_state(state["generator"])
+
+
+def build_config(args: PretrainingArguments) -> Data2VecAQCConfig:
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    return Data2VecAQCConfig.from_preset(args.model_preset, objective=args.objective, **overrides)
+
+
+def build_model(args: PretrainingArguments) -> Data2VecAQCForPreTraining:
+    if args.model_name_or_path:
+        return Data2VecAQCForPreTraining.from_pretrained(args.model_name_or_path)
+    return Data2VecAQCForPreTraining(build_config(args))
+
+
+def build_source(args: PretrainingArguments):
+    if args.train_data:
+        return local_items(args.train_data), args.train_data
+    source = load_hub_audio(args.dataset_name, args.dataset_config_name, args.train_split_name,
+                            args.audio_column_name, streaming=True, split_channels=args.split_channels)
+    return source, f"{args.dataset_name} [{args.train_split_name}]"
+
+
+def build_optimizer(model: Data2VecAQCForPreTraining, args: PretrainingArguments):
+    """Adam(W) over the student and heads only (never the teacher); no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name.startswith("teacher.") or not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name or name.endswith("masked_spec_embed") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon)
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_checkpoint(output_dir, value: str | None) -> Path | None:
+    if not value:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int) -> Path:
+    """`accelerator.save_state` into a temporary folder renamed into place when complete, so an interrupted save
+    never replaces or corrupts the previous checkpoint; then keep only the newest `keep`."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def health_warnings(out, step: int) -> dict[str, str]:
+    """Collapse warnings by kind: regression targets or codebook usage that has collapsed."""
+    warnings = {}
+    if out.target_std is not None and float(out.target_std) < 0.01:
+        warnings["target"] = f"step {step}: target std {float(out.target_std):.4f} < 0.01 (representation collapse?)"
+    if out.codebook_perplexity is not None and float(out.codebook_perplexity.min()) < 2.0:
+        ppl = [round(v, 2) for v in out.codebook_perplexity.tolist()]
+        warnings["codebook"] = f"step {step}: codebook perplexity {ppl} < 2 in a group (codebook collapse?)"
+    return warnings
+
+
+def scalar_logs(out, lr: float) -> dict[str, float]:
+    """Every loss term and diagnostic of the output as floats."""
+    logs = {}
+    for key in ("loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss", "diversity_loss",
+                "feature_penalty", "target_std", "prediction_std", "gumbel_temperature", "ema_decay",
+                "num_masked_frames"):
+        value = getattr(out, key)
+        if value is not None:
+            logs[key] = float(value)
+    if out.codebook_perplexity is not None:
+        for g, value in enumerate(out.codebook_perplexity.tolist()):
+            logs[f"codebook_perplexity_{g}"] = value
+    logs["learning_rate"] = lr
+    return logs
+
+
+def plot_history(history: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss")
+            if any(k in h for h in history)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        ax.plot([h["step"] for h in history if key in h], [h[key] for h in history if key in h], label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("data2vec-aqc pretraining")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_noise_bank(noise_dir: str, max_clips: int = 2000) -> list[torch.Tensor]:
+    from .audio import AudioError, load_audio
+    from .data import audiofolder_items
+
+    clips = []
+    for item in audiofolder_items(noise_dir)[:max_clips]:
+        try:
+            clips.append(torch.from_numpy(load_audio(item["audio"])))
+        except AudioError as err:
+            logger.warning("noise bank: skipping %s", err)
+    return clips
+
+
+def run_pretraining(args: PretrainingArguments) -> dict:
+    """Pretrain and return a summary dict (also written to `output_dir/summary.json`)."""
+    output_dir = Path(args.output_dir)
+    model = build_model(args)
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=model.config.layerdrop > 0)]
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        kwargs_handlers=kwargs,
+    )
+    set_seed(args.seed)
+    if args.noise_dir and model.config.use_aqc:
+        model.augmenter.set_noise_bank(load_noise_bank(args.noise_dir))
+
+    source, description = build_source(args)
+    stats = DataStats()
+    stream = PretrainingStream(
+        source,
+        min_samples=int(args.min_duration_in_seconds * TARGET_SAMPLING_RATE),
+        max_samples=int(args.max_duration_in_seconds * TARGET_SAMPLING_RATE),
+        max_batch_samples=int(args.max_batch_duration_in_seconds * TARGET_SAMPLING_RATE),
+        seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes, stats=stats,
+    )
+    loader_kwargs = dict(batch_size=None, num_workers=args.dataloader_num_workers)
+    optimizer = build_optimizer(model, args)
+    scheduler = tri_stage_schedule(optimizer, args.max_steps, (args.warmup_ratio, args.hold_ratio, args.decay_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    state = TrainingState(args.seed + accelerator.process_index, accelerator.device)
+    accelerator.register_for_checkpointing(state)
+
+    resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, "
+                          f"batch {state.batches_in_epoch})")
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("pretrain", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                      for k, v in asdict(args).items()})
+
+    stop_at = min(args.max_steps, args.stop_after_steps or args.max_steps)
+    progress = tqdm(total=stop_at, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc="pretraining", unit="step")
+    history, last_logs, warned = [], {}, set()
+    start_time, start_samples = time.time(), state.samples_seen
+    model.train()
+    while state.step < stop_at:
+        stream.set_epoch(state.epoch)
+        loader = torch.utils.data.DataLoader(stream, **loader_kwargs)
+        batches_this_epoch = 0
+        for batch in loader:
+            batches_this_epoch += 1
+            if batches_this_epoch <= state.batches_in_epoch:  # resuming: replay the data position exactly
+                continue
+            batch_samples = int(batch["attention_mask"].sum())
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                out = model(**batch, generator=state.generator)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unwrapped.student_parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch = batches_this_epoch
+            state.samples_seen += batch_samples * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            unwrapped.update_teacher()
+            state.step += 1
+            progress.update(1)
+            if state.step % args.logging_steps == 0 or state.step == stop_at:
+                last_logs = scalar_logs(out, scheduler.get_last_lr()[0])
+                last_logs["hours_seen"] = hours(state.samples_seen)
+                history.append({"step": state.step, **last_logs})
+                progress.set_postfix(loss=f"{last_logs['loss']:.3f}")
+                if args.report_to != "none":
+                    accelerator.log(last_logs, step=state.step)
+                for kind, warning in health_warnings(out, state.step).items():
+                    if kind not in warned:  # once per kind, the tensorboard curves show the rest
+                        warned.add(kind)
+                        logger.warning(warning)
+            if state.step % args.save_steps == 0 or state.step == stop_at:
+                path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit)
+                if args.push_to_hub and args.push_checkpoints and accelerator.is_main_process:
+                    from .hub import push_folder
+
+                    push_folder(path, args.hub_model_id, f"checkpoint {state.step}", args.hub_private_repo,
+                                path_in_repo=f"checkpoints/{path.name}")
+            if state.step >= stop_at:
+                break
+        else:  # the epoch ended
+            if state.epoch == 0 or batches_this_epoch == 0:
+                check_usable(stats, description)
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            continue
+        break
+    progress.close()
+    elapsed = time.time() - start_time
+    accelerator.wait_for_everyone()
+    summary = {
+        "steps": state.step, "epochs_completed": state.epoch, "hours_seen": round(hours(state.samples_seen), 4),
+        "audio_seconds_per_second": round((state.samples_seen - start_samples) / TARGET_SAMPLING_RATE
+                                          / max(elapsed, 1e-9), 2),
+        "world_size": accelerator.num_processes, "data": stats.as_dict(),
+        "final": {k: round(v, 5) for k, v in last_logs.items()},
+    }
+    if state.step >= args.max_steps and accelerator.is_main_process:
+        finish(unwrapped, args, summary, history, output_dir, description)
+    elif accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary
+
+
+def finish(model, args, summary, history, output_dir: Path, description: str) -> None:
+    """Save the final model (safetensors + config + feature extractor + card), plot, push."""
+    from .cards import write_card
+
+    model.save_pretrained(output_dir, safe_serialization=True)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLING_RATE, padding_value=0.0,
+                             do_normalize=True, return_attention_mask=True).save_pretrained(output_dir)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if history:
+        plot_history(history, output_dir / "loss.png")
+    final = summary["final"]
+    write_card(output_dir, "pretrained.md", {
+        "model_name": args.hub_model_id or output_dir.name,
+        "repo_id": args.hub_model_id or str(output_dir),
+        "dataset_id": args.dataset_name or "custom",
+        "dataset_description": description,
+        "objective": model.config.objective,
+        "preset": args.model_preset if not args.model_name_or_path else args.model_name_or_path,
+        "num_parameters": f"{sum(p.numel() for n, p in model.named_parameters() if not n.startswith('teacher.')):,}",
+        "steps": summary["steps"],
+        "hours_seen": f"{summary['hours_seen']:.3f}",
+        "learning_rate": args.learning_rate,
+        "mixed_precision": args.mixed_precision,
+        "final_losses": ", ".join(f"{k} {v:.4f}" for k, v in final.items() if "loss" in k) or "n/a",
+    })
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        push_folder(output_dir, args.hub_model_id, f"data2vec-aqc pretraining, {summary['steps']} steps",
+                    args.hub_private_repo)

@@ -1,0 +1,169 @@
+import csv
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import DEMO, demo_unlabeled_paths
+from data2vec_aqc_hf.audio import AudioError, load_audio
+from data2vec_aqc_hf.data import (
+    DataStats,
+    NoUsableAudioError,
+    PretrainingStream,
+    check_usable,
+    fairseq_tsv_items,
+    load_hub_audio,
+    local_items,
+)
+
+
+def test_load_audio_resamples_8k_fsdd_to_16k():
+    path = DEMO / "audio/fsdd/jackson/0_jackson_0.flac"
+    raw, sr = sf.read(path)
+    assert sr == 8000
+    audio = load_audio(path)
+    assert audio.dtype == np.float32 and abs(len(audio) - 2 * len(raw)) <= 2
+
+
+@pytest.mark.parametrize("content, message", [(b"not audio at all", "cannot decode"), (None, "file not found")])
+def test_load_audio_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.wav"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(AudioError, match=f"bad.wav: {message}"):
+        load_audio(path)
+
+
+def test_silent_and_empty_files_are_errors(tmp_path):
+    sf.write(tmp_path / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match="silent.wav: the audio is silent"):
+        load_audio(tmp_path / "silent.wav")
+    with pytest.raises(AudioError, match="empty.wav: the audio is empty"):
+        load_audio(tmp_path / "empty.wav")
+
+
+def test_two_channel_audio_yields_each_speaker():
+    left, right = np.sin(np.arange(8000) / 5.0), np.cos(np.arange(8000) / 9.0)
+    from data2vec_aqc_hf.audio import prepare_audio
+
+    stereo = np.stack([left, right], 1).astype(np.float32)
+    a0 = prepare_audio(stereo, 8000, channel=0)
+    a1 = prepare_audio(stereo, 8000, channel=1)
+    assert len(a0) == 16000 and not np.allclose(a0, a1)
+
+
+def _stream(items, **kw):
+    args = dict(min_samples=32000, max_samples=64000, max_batch_samples=192000, seed=0)
+    args.update(kw)
+    return PretrainingStream(items, **args)
+
+
+def test_batches_bounded_by_total_samples_and_crops():
+    items = local_items(DEMO / "unlabeled.csv")
+    batches = list(_stream(items))
+    assert sum(b["input_values"].shape[0] for b in batches) == len(items)
+    for b in batches:
+        assert b["input_values"].numel() <= 192000 and b["input_values"].shape[1] <= 64000
+        lengths = b["attention_mask"].sum(1)
+        for row, n in zip(b["input_values"], lengths):  # normalised per utterance, zero padding
+            assert abs(row[:n].mean()) < 1e-3 and abs(row[:n].std() - 1) < 1e-2 and torch.all(row[n:] == 0)
+
+
+def test_sharding_over_ranks_and_workers_covers_each_example_once():
+    items = [{"audio": str(p), "channel": None} for p in demo_unlabeled_paths()]
+    seen = []
+    for rank in range(2):
+        stream = _stream(items, rank=rank, world_size=2, max_batch_samples=64000)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        for batch in loader:
+            seen += [round(float(v), 4) for v in batch["input_values"][:, :50].abs().sum(1)]
+    assert len(seen) == len(items) and len(set(seen)) == len(items)
+
+
+def test_bad_files_are_skipped_with_warning_and_counted(tmp_path, caplog):
+    shutil.copy(demo_unlabeled_paths()[0], tmp_path / "good.flac")
+    (tmp_path / "broken.wav").write_bytes(b"garbage")
+    sf.write(tmp_path / "short.wav", np.random.randn(8000).astype(np.float32), 16000)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    stats = DataStats()
+    with caplog.at_level(logging.WARNING):
+        batches = list(_stream(local_items(tmp_path), stats=stats))
+    assert sum(b["input_values"].shape[0] for b in batches) == 1
+    assert stats.loaded == 1 and len(stats.skipped) == 3
+    text = caplog.text
+    assert "broken.wav" in text and "short.wav" in text and "shorter than the minimum" in text and "empty.wav" in text
+
+
+def test_no_usable_audio_is_a_clear_error(tmp_path):
+    (tmp_path / "broken.wav").write_bytes(b"garbage")
+    stats = DataStats()
+    list(_stream(local_items(tmp_path), stats=stats))
+    with pytest.raises(NoUsableAudioError, match="no usable audio"):
+        check_usable(stats, str(tmp_path))
+
+
+def test_fairseq_tsv_manifest(tmp_path):
+    paths = demo_unlabeled_paths()[:3]
+    lines = [str(paths[0].parent.parent)] + [f"{p.parent.name}/{p.name}\t{sf.info(p).frames}" for p in paths]
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    items = fairseq_tsv_items(tmp_path / "train.tsv")
+    assert [i["audio"] for i in items] == [str(p) for p in paths]
+    (tmp_path / "bad.tsv").write_text("/root\nno-tab-here\n")
+    with pytest.raises(ValueError, match="bad.tsv:2"):
+        fairseq_tsv_items(tmp_path / "bad.tsv")
+
+
+def _librispeech_parquet(tmp_path, n=4):
+    """Local parquet files with the columns of openslr/librispeech_asr (file, audio, text, speaker_id, ...)."""
+    import datasets
+
+    rows = {"file": [], "audio": [], "text": [], "speaker_id": [], "chapter_id": [], "id": []}
+    for i, p in enumerate(demo_unlabeled_paths()[:n]):
+        rows["file"].append(p.name)
+        rows["audio"].append({"bytes": p.read_bytes(), "path": p.name})
+        rows["text"].append("UNKNOWN")
+        rows["speaker_id"].append(i)
+        rows["chapter_id"].append(0)
+        rows["id"].append(p.stem)
+    # the audio column's on-disk layout is Audio's {bytes, path} struct (written without torchcodec)
+    audio_struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features({"file": datasets.Value("string"), "audio": audio_struct,
+                                  "text": datasets.Value("string"), "speaker_id": datasets.Value("int64"),
+                                  "chapter_id": datasets.Value("int64"), "id": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    for split in ("train.clean.100", "train.clean.360"):
+        ds.to_parquet(str(tmp_path / f"{split}.parquet"))
+    return {s: str(tmp_path / f"{s}.parquet") for s in ("train.clean.100", "train.clean.360")}
+
+
+def test_hub_streaming_path_on_local_parquet_with_librispeech_schema(tmp_path):
+    files = _librispeech_parquet(tmp_path)
+    ds = load_hub_audio("parquet", None, "train.clean.100+train.clean.360", data_files=files)
+    stream = _stream(ds, shuffle_buffer=10)
+    batches = list(torch.utils.data.DataLoader(stream, batch_size=None))
+    assert sum(b["input_values"].shape[0] for b in batches) == 8  # 4 utterances x 2 splits
+    # two ranks of the streamed dataset see disjoint halves
+    counts = [sum(b["input_values"].shape[0] for b in _stream(ds, rank=r, world_size=2, shuffle_buffer=10))
+              for r in range(2)]
+    assert counts == [4, 4]
+
+
+def test_hub_two_channel_switchboard_style_split(tmp_path):
+    import datasets
+
+    stereo = np.random.randn(8000 * 3, 2).astype(np.float32) * 0.1
+    sf.write(tmp_path / "call.wav", stereo, 8000)
+    ds = datasets.Dataset.from_dict({"audio": [{"bytes": (tmp_path / "call.wav").read_bytes(), "path": "call.wav"}]},
+                                    features=datasets.Features({"audio": {"bytes": datasets.Value("binary"),
+                                                                          "path": datasets.Value("string")}}))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    stream_ds = load_hub_audio("parquet", None, "train", data_files={"train": str(tmp_path / "train.parquet")},
+                               split_channels=True)
+    examples = list(stream_ds)
+    assert [e["channel"] for e in examples] == [0, 1]
+    batches = list(_stream(stream_ds, shuffle_buffer=4))
+    assert sum(b["input_values"].shape[0] for b in batches) == 2
