@@ -158,7 +158,11 @@ def resolve_checkpoint(output_dir, value: str | None) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int) -> Path:
+def rank_state_file(checkpoint: Path, rank: int) -> Path:
+    return Path(checkpoint) / f"training_state_rank{rank}.pt"
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int, state: TrainingState) -> Path:
     """`accelerator.save_state` into a temporary folder renamed into place when complete, so an interrupted save
     never replaces or corrupts the previous checkpoint; then keep only the newest `keep`."""
     root = Path(output_dir) / "checkpoints"
@@ -168,6 +172,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int) 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # each rank's own step generator and data position (accelerate saves registered objects from rank 0 only)
+    torch.save(state.state_dict(), rank_state_file(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -197,7 +203,7 @@ def scalar_logs(out, lr: float) -> dict[str, float]:
                 "num_masked_frames"):
         value = getattr(out, key)
         if value is not None:
-            logs[key] = float(value)
+            logs[key] = float(value.detach()) if torch.is_tensor(value) else float(value)
     if out.codebook_perplexity is not None:
         for g, value in enumerate(out.codebook_perplexity.tolist()):
             logs[f"codebook_perplexity_{g}"] = value
@@ -241,6 +247,7 @@ def load_noise_bank(noise_dir: str, max_clips: int = 2000) -> list[torch.Tensor]
 def run_pretraining(args: PretrainingArguments) -> dict:
     """Pretrain and return a summary dict (also written to `output_dir/summary.json`)."""
     output_dir = Path(args.output_dir)
+    set_seed(args.seed)  # before building the model: its initial weights come from the seed
     model = build_model(args)
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=model.config.layerdrop > 0)]
     accelerator = Accelerator(
@@ -250,7 +257,6 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         kwargs_handlers=kwargs,
     )
-    set_seed(args.seed)
     if args.noise_dir and model.config.use_aqc:
         model.augmenter.set_noise_bank(load_noise_bank(args.noise_dir))
 
@@ -266,14 +272,20 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     loader_kwargs = dict(batch_size=None, num_workers=args.dataloader_num_workers)
     optimizer = build_optimizer(model, args)
     scheduler = tri_stage_schedule(optimizer, args.max_steps, (args.warmup_ratio, args.hold_ratio, args.decay_ratio))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler is stepped by us once per optimizer update (accelerate's wrapper would step it num_processes
+    # times per update), and checkpointed as a registered object
+    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     state = TrainingState(args.seed + accelerator.process_index, accelerator.device)
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(scheduler)  # `state` is per rank: saved by save_checkpoint
 
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if resume is not None:
         accelerator.load_state(str(resume))
+        state_file = rank_state_file(resume, accelerator.process_index)
+        if not state_file.exists():
+            raise FileNotFoundError(f"{state_file}: missing (was the checkpoint written with another number of processes?)")
+        state.load_state_dict(torch.load(state_file, weights_only=True))
         accelerator.print(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batches_in_epoch})")
     if accelerator.is_main_process and args.report_to != "none":
@@ -302,7 +314,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(unwrapped.student_parameters(), args.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch = batches_this_epoch
             state.samples_seen += batch_samples * accelerator.num_processes
@@ -323,7 +336,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                         warned.add(kind)
                         logger.warning(warning)
             if state.step % args.save_steps == 0 or state.step == stop_at:
-                path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit)
+                path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit, state)
                 if args.push_to_hub and args.push_checkpoints and accelerator.is_main_process:
                     from .hub import push_folder
 

@@ -1,0 +1,103 @@
+"""End-to-end: training/pretrain.py under accelerate on real speech (vendored LibriSpeech clips)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import DEMO, ROOT
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["--model_preset", "tiny", "--train_data", str(DEMO / "unlabeled.csv"), "--min_duration_in_seconds", "2",
+          "--max_duration_in_seconds", "3", "--max_batch_duration_in_seconds", "12", "--learning_rate", "2e-3",
+          "--logging_steps", "1", "--save_total_limit", "5", "--report_to", "tensorboard"]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _launch(args, two_ranks=False):
+    if two_ranks:  # `--cpu --num_processes 2` silently runs one process; this gives two gloo ranks
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        env = dict(_env(), ACCELERATE_USE_CPU="1")
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        env = _env()
+    result = subprocess.run(cmd + [str(ROOT / "training/pretrain.py")] + args, capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    line = [l for l in result.stdout.splitlines() if l.startswith("SUMMARY ")][-1]
+    return json.loads(line[len("SUMMARY "):]), result
+
+
+def test_two_ranks_pretrain_falling_loss_checkpoint_and_exact_resume(tmp_path):
+    full, res = _launch(COMMON + ["--output_dir", str(tmp_path / "full"), "--max_steps", "8", "--save_steps", "4"],
+                        two_ranks=True)
+    assert full["world_size"] == 2, "two real ranks expected"
+    assert full["steps"] == 8
+    assert (tmp_path / "full/checkpoints/checkpoint-8").is_dir()
+    assert (tmp_path / "full/model.safetensors").exists() and (tmp_path / "full/preprocessor_config.json").exists()
+    assert (tmp_path / "full/loss.png").exists() and (tmp_path / "full/README.md").exists()
+    assert list((tmp_path / "full/runs").rglob("events.out.tfevents*")), "no tensorboard events"
+    history = full["final"]
+    assert all(v == v for v in history.values())  # finite (no NaN)
+
+    # stop at step 4, then resume from 'latest' to step 8: same parameters as the uninterrupted run
+    _launch(COMMON + ["--output_dir", str(tmp_path / "split"), "--max_steps", "8", "--save_steps", "4",
+                      "--stop_after_steps", "4"], two_ranks=True)
+    assert not (tmp_path / "split/model.safetensors").exists()
+    resumed, res = _launch(COMMON + ["--output_dir", str(tmp_path / "split"), "--max_steps", "8", "--save_steps", "4",
+                                     "--resume_from_checkpoint", "latest"], two_ranks=True)
+    assert "resumed from" in res.stdout
+    a, b = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "split/model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+
+    from data2vec_aqc_hf import Data2VecAQCForPreTraining
+    from transformers import AutoModelForPreTraining
+
+    model = AutoModelForPreTraining.from_pretrained(tmp_path / "full")
+    assert isinstance(model, Data2VecAQCForPreTraining) and model.num_updates.item() == 8
+
+
+def test_loss_falls_over_a_short_run(tmp_path):
+    summary, res = _launch(COMMON + ["--output_dir", str(tmp_path), "--max_steps", "30", "--save_steps", "30",
+                                     "--logging_steps", "1"])
+    import re
+
+    losses = [float(x) for x in re.findall(r"loss=([0-9.]+)", res.stderr)]
+    assert losses and summary["final"]["loss"] < 0.7 * losses[0], (losses[:3], summary["final"]["loss"])
+
+
+def test_push_to_hub_with_only_the_network_replaced(tmp_path, monkeypatch):
+    """The real push path (card, create_repo, upload_folder) with HfApi's two network calls replaced."""
+    import huggingface_hub
+
+    from data2vec_aqc_hf.pretraining import PretrainingArguments, run_pretraining
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], kw.get("path_in_repo"),
+                                                         sorted(os.listdir(kw["folder_path"])))))
+    args = PretrainingArguments(output_dir=str(tmp_path), model_preset="tiny", train_data=str(DEMO / "unlabeled.csv"),
+                                max_duration_in_seconds=3, max_batch_duration_in_seconds=12, max_steps=2,
+                                save_steps=2, push_to_hub=True, hub_model_id="me/aqc-tiny", push_checkpoints=True,
+                                report_to="none")
+    run_pretraining(args)
+    assert ("create", "me/aqc-tiny") in calls
+    uploads = [c for c in calls if c[0] == "upload"]
+    assert uploads[0][2] == "checkpoints/checkpoint-2"
+    final = uploads[-1]
+    assert final[2] is None and {"README.md", "config.json", "model.safetensors"} <= set(final[3])
+    card = (tmp_path / "README.md").read_text()
+    assert "me/aqc-tiny" in card and "| optimizer updates | 2 |" in card
