@@ -1,0 +1,89 @@
+"""Transcription of files or directories with a CTC model (ours, a stock export, or a Hub id), through the
+transformers ASR pipeline: any sample rate (resampled by the package's loader), any length (chunked with stride),
+optional KenLM decoding through pyctcdecode (`pip install data2vec_aqc_hf[lm]`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio
+from .data import AUDIO_EXTENSIONS
+
+
+def audio_files(inputs: list[str]) -> list[Path]:
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+        else:
+            files.append(path)
+    return files
+
+
+def build_pipeline(model: str, device: int | str = -1, lm: str | None = None, trust_remote_code: bool = False):
+    import data2vec_aqc_hf  # noqa: F401  (registers data2vec-aqc checkpoints)
+    from transformers import AutoProcessor, pipeline
+
+    kwargs = {}
+    if lm:
+        from pyctcdecode import build_ctcdecoder
+
+        processor = AutoProcessor.from_pretrained(model)
+        vocab = processor.tokenizer.get_vocab()
+        labels = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        labels = ["" if t == processor.tokenizer.pad_token else " " if t == "|" else t for t in labels]
+        from transformers import Wav2Vec2ProcessorWithLM
+
+        decoder = build_ctcdecoder(labels, kenlm_model_path=lm)
+        processor = Wav2Vec2ProcessorWithLM(processor.feature_extractor, processor.tokenizer, decoder)
+        kwargs = dict(tokenizer=processor, feature_extractor=processor.feature_extractor, decoder=decoder)
+    return pipeline("automatic-speech-recognition", model=model, device=device, trust_remote_code=trust_remote_code,
+                    **kwargs)
+
+
+def transcribe_files(asr, files: list[Path], chunk_length_s: float = 20.0, stride_length_s: float = 4.0):
+    """Yield `(file, transcript or None, error or None)`; a bad file is reported and skipped."""
+    for path in files:
+        try:
+            audio = load_audio(path)
+        except AudioError as err:
+            yield path, None, str(err)
+            continue
+        seconds = len(audio) / TARGET_SAMPLING_RATE
+        kwargs = dict(chunk_length_s=chunk_length_s, stride_length_s=stride_length_s) if seconds > chunk_length_s else {}
+        text = asr({"raw": audio, "sampling_rate": TARGET_SAMPLING_RATE}, **kwargs)["text"]
+        yield path, text, None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Transcribe audio files with a data2vec-aqc CTC model.")
+    parser.add_argument("model", help="model directory or Hub id")
+    parser.add_argument("inputs", nargs="+", help="audio files or directories")
+    parser.add_argument("--output", help="write JSON lines {file, text} here instead of printing")
+    parser.add_argument("--chunk_length_s", type=float, default=20.0)
+    parser.add_argument("--stride_length_s", type=float, default=4.0)
+    parser.add_argument("--device", default=-1)
+    parser.add_argument("--lm", help="KenLM .arpa/.bin for beam search with pyctcdecode")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    args = parser.parse_args(argv)
+    files = audio_files(args.inputs)
+    if not files:
+        parser.error(f"no audio files in {args.inputs}")
+    asr = build_pipeline(args.model, args.device, args.lm, args.trust_remote_code)
+    out = open(args.output, "w") if args.output else None
+    failures = 0
+    for path, text, error in transcribe_files(asr, files, args.chunk_length_s, args.stride_length_s):
+        if error:
+            failures += 1
+            print(f"ERROR {error}", file=sys.stderr)
+        elif out:
+            out.write(json.dumps({"file": str(path), "text": text}) + "\n")
+        else:
+            print(f"{path}\t{text}")
+    if out:
+        out.close()
+    return 1 if failures == len(files) else 0
