@@ -1,0 +1,114 @@
+"""Fine-tuning end to end on real speech (vendored FSDD digits), stock loading without the package, bad input."""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile as sf
+from transformers import TrainingArguments
+
+from conftest import DEMO, ROOT
+from data2vec_aqc_hf import Data2VecAQCForPreTraining
+from data2vec_aqc_hf.finetuning import (
+    CTCDataset,
+    FinetuneArguments,
+    build_vocab,
+    make_processor,
+    normalize_text,
+    run_finetuning,
+    split_by_speaker,
+)
+from data2vec_aqc_hf.metrics import wer_cer
+from test_modeling import _run_without_package
+from conftest import tiny_config
+
+
+def test_text_vocab_and_speaker_split():
+    assert normalize_text("Hello, world!  it's") == "HELLO WORLD IT'S"
+    vocab = build_vocab(["AB A", "C'"])
+    assert vocab["<pad>"] == 0 and vocab["|"] == 2 and set(vocab) == {"<pad>", "<unk>", "|", "A", "B", "C", "'"}
+    rows = [{"speaker_id": s, "text": "X", "audio": ""} for s in "aabbcc"]
+    train, evals = split_by_speaker(rows, ["b"])
+    assert {r["speaker_id"] for r in evals} == {"b"} and {r["speaker_id"] for r in train} == {"a", "c"}
+    with pytest.raises(ValueError, match="not in the data"):
+        split_by_speaker(rows, ["z"])
+    assert wer_cer(["A B"], ["A C"])["wer"] == 0.5
+
+
+def test_bad_examples_are_reported_by_file(tmp_path, caplog):
+    good = DEMO / "audio/fsdd/jackson/0_jackson_0.flac"
+    sf.write(tmp_path / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    (tmp_path / "broken.wav").write_bytes(b"xx")
+    processor = make_processor(build_vocab(["ZERO"]), tmp_path / "proc")
+    rows = [{"audio": str(good), "text": "ZERO", "speaker_id": "s"},
+            {"audio": str(good), "text": "", "speaker_id": "s"},
+            {"audio": str(tmp_path / "silent.wav"), "text": "ZERO", "speaker_id": "s"},
+            {"audio": str(tmp_path / "broken.wav"), "text": "ZERO", "speaker_id": "s"},
+            {"audio": str(good), "text": "ZEBRA", "speaker_id": "s"}]
+    with caplog.at_level(logging.WARNING):
+        ds = CTCDataset(rows, processor)
+    assert len(ds) == 2 and len(ds.skipped) == 3
+    assert "empty transcript" in caplog.text and "silent.wav" in caplog.text and "broken.wav" in caplog.text
+    assert "not in the vocabulary" in caplog.text and "'B'" in caplog.text
+    unk = processor.tokenizer.convert_tokens_to_ids("<unk>")
+    assert unk in ds[1]["labels"]
+    # an 8 kHz file is resampled, not rejected: FSDD is 8 kHz
+    assert abs(len(ds[0]["input_values"]) - 2 * sf.info(good).frames) <= 2
+
+
+@pytest.mark.slow
+def test_finetune_save_stock_and_pipeline_without_package(tmp_path, monkeypatch):
+    pre = Data2VecAQCForPreTraining(tiny_config())
+    pre.save_pretrained(tmp_path / "pre")
+    calls = []
+    import huggingface_hub
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(repo_id)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(kw["folder_path"]))
+    args = FinetuneArguments(model_name_or_path=str(tmp_path / "pre"), train_manifest=str(DEMO / "metadata.csv"),
+                             eval_speakers="fsdd_yweweler", mask_time_prob=0.05, layerdrop=0.0)
+    targs = TrainingArguments(output_dir=str(tmp_path / "ft"), max_steps=6, per_device_train_batch_size=4,
+                              learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no",
+                              push_to_hub=True, hub_model_id="me/aqc-digits")
+    metrics = run_finetuning(args, targs)
+    final = tmp_path / "ft" / "final"
+    assert json.loads((final / "config.json").read_text())["model_type"] == "data2vec-audio"
+    assert (final / "vocab.json").exists()
+    assert (final / "preprocessor_config.json").exists() or (final / "processor_config.json").exists()
+    card = (final / "README.md").read_text()
+    assert f"value: {metrics['wer']:.4f}" in card and "fsdd_yweweler" in card and "model-index" in card
+    assert "me/aqc-digits" in calls and calls[-1] == str(final)  # Trainer's repo init, then our upload
+
+    from data2vec_aqc_hf.transcription import build_pipeline, transcribe_files
+
+    clips = [DEMO / "audio/fsdd/yweweler/3_yweweler_0.flac", DEMO / "audio/fsdd/lucas/5_lucas_1.flac"]
+    asr = build_pipeline(str(final))
+    ours = [text for _, text, _ in transcribe_files(asr, clips)]
+    from data2vec_aqc_hf.finetuning import transcribe_arrays
+    from data2vec_aqc_hf.audio import load_audio
+    from transformers import AutoModelForCTC, AutoProcessor
+
+    direct = transcribe_arrays(AutoModelForCTC.from_pretrained(final), AutoProcessor.from_pretrained(final),
+                               [load_audio(c) for c in clips])
+    assert ours == direct
+    arrays = {str(i): load_audio(c) for i, c in enumerate(clips)}
+    np.savez(tmp_path / "clips.npz", **arrays)
+    out = _run_without_package(f"""
+        import json, numpy as np
+        from transformers import AutoModelForCTC, pipeline
+        m = AutoModelForCTC.from_pretrained({str(final)!r})
+        assert type(m).__name__ == "Data2VecAudioForCTC"
+        asr = pipeline("automatic-speech-recognition", model={str(final)!r})
+        clips = np.load({str(tmp_path / 'clips.npz')!r})
+        print("TEXTS" + json.dumps([asr({{"raw": clips[k], "sampling_rate": 16000}})["text"] for k in sorted(clips)]))
+    """, tmp_path)
+    stock = json.loads([l for l in out.splitlines() if l.startswith("TEXTS")][-1][5:])
+    assert stock == ours
