@@ -112,3 +112,24 @@ def test_finetune_save_stock_and_pipeline_without_package(tmp_path, monkeypatch)
     """, tmp_path)
     stock = json.loads([l for l in out.splitlines() if l.startswith("TEXTS")][-1][5:])
     assert stock == ours
+
+
+def test_hub_split_reader_on_local_parquet_with_hub_schema(tmp_path):
+    """The Hub path of fine-tuning (`load_dataset` + `Audio(decode=False)`) on a local parquet of the same schema."""
+    import datasets
+
+    from data2vec_aqc_hf.finetuning import read_hub_split
+
+    files = sorted((DEMO / "audio/fsdd/lucas").glob("*.flac"))[:3]
+    struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    ds = datasets.Dataset.from_dict(
+        {"audio": [{"bytes": f.read_bytes(), "path": f.name} for f in files], "sentence": ["ZERO"] * 3,
+         "client_id": ["lucas"] * 3},
+        features=datasets.Features({"audio": struct, "sentence": datasets.Value("string"),
+                                    "client_id": datasets.Value("string")}))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    rows = read_hub_split("parquet", None, "train", text_column="sentence", speaker_column="client_id",
+                          data_files={"train": str(tmp_path / "train.parquet")})
+    processor = make_processor(build_vocab(["ZERO"]), tmp_path / "proc")
+    dataset = CTCDataset(rows, processor)
+    assert len(dataset) == 3 and dataset[0]["speaker_id"] == "lucas" and dataset[0]["text"] == "ZERO"
