@@ -253,9 +253,9 @@ def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = 
             "examples": [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]]}
 
 
-__all__ = ["Trainer", "TrainingArguments", "normalize_text", "build_vocab", "make_processor", "read_manifest",
+__all__ = ["normalize_text", "build_vocab", "make_processor", "read_manifest",
            "split_by_speaker", "CTCDataset", "CTCCollator", "FreezeTransformerCallback", "make_compute_metrics",
-           "load_ctc_model", "transcribe_arrays", "evaluate_rows", "field"]
+           "load_ctc_model", "transcribe_arrays", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
 
 
 @dataclass
