@@ -16,7 +16,12 @@ from data2vec_aqc_hf.quantizer import (
 def test_eval_mode_matches_transformers_quantizer():
     cfg = Wav2Vec2Config(conv_dim=(32,) * 7, num_codevector_groups=2, num_codevectors_per_group=16,
                          codevector_dim=24)
+    torch.manual_seed(0)
     ref = Wav2Vec2GumbelVectorQuantizer(cfg).eval()
+    # transformers allocates `codevectors` uninitialised (its PreTrainedModel initialises it); give it values
+    torch.nn.init.uniform_(ref.codevectors)
+    torch.nn.init.normal_(ref.weight_proj.weight, std=1.0)
+    torch.nn.init.zeros_(ref.weight_proj.bias)
     ours = GumbelProductQuantizer(32, 2, 16, 24).eval()
     ours.load_state_dict(ref.state_dict())  # same parameter names and shapes
     x = torch.randn(3, 7, 32)
