@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio, load_audio_example
-from .metrics import wer_cer
+from .metrics import load_metric, wer_cer
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +191,16 @@ def decode_predictions(processor, logits: np.ndarray) -> list[str]:
 
 
 def make_compute_metrics(processor):
+    """Trainer's `compute_metrics`: greedy decoding, then WER/CER through the package's `evaluate` metric."""
+    metric = load_metric()
+
     def compute_metrics(pred):
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         labels = pred.label_ids.copy()
         labels[labels == -100] = processor.tokenizer.pad_token_id
         predictions = decode_predictions(processor, logits)
         references = processor.batch_decode(labels, group_tokens=False)
-        return wer_cer(predictions, references)
+        return metric.compute(predictions=predictions, references=references)
 
     return compute_metrics
 

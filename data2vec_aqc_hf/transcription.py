@@ -24,25 +24,27 @@ def audio_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def build_pipeline(model: str, device: int | str = -1, lm: str | None = None, trust_remote_code: bool = False):
+def build_pipeline(model: str, device: int | str = -1, lm: str | None = None, trust_remote_code: bool = False,
+                   lm_alpha: float = 0.5, lm_beta: float = 1.0, beam_width: int = 100):
+    """The transformers ASR pipeline for `model` (greedy CTC); with `lm`, an `LMTranscriber` with the same call
+    signature that decodes with a KenLM beam search (transformers deprecates LM decoding inside the pipeline)."""
     import data2vec_aqc_hf  # noqa: F401  (registers data2vec-aqc checkpoints)
-    from transformers import AutoProcessor, pipeline
+    from transformers import AutoModelForCTC, AutoProcessor, pipeline
 
-    kwargs = {}
+    device = torch_device(device)
     if lm:
-        from pyctcdecode import build_ctcdecoder
+        from .lm import LMTranscriber
 
-        processor = AutoProcessor.from_pretrained(model)
-        vocab = processor.tokenizer.get_vocab()
-        labels = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-        labels = ["" if t == processor.tokenizer.pad_token else " " if t == "|" else t for t in labels]
-        from transformers import Wav2Vec2ProcessorWithLM
+        ctc = AutoModelForCTC.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return LMTranscriber(ctc.to(device), AutoProcessor.from_pretrained(model), lm, lm_alpha, lm_beta, beam_width)
+    return pipeline("automatic-speech-recognition", model=model, device=device, trust_remote_code=trust_remote_code)
 
-        decoder = build_ctcdecoder(labels, kenlm_model_path=lm)
-        processor = Wav2Vec2ProcessorWithLM(processor.feature_extractor, processor.tokenizer, decoder)
-        kwargs = dict(tokenizer=processor, feature_extractor=processor.feature_extractor, decoder=decoder)
-    return pipeline("automatic-speech-recognition", model=model, device=device, trust_remote_code=trust_remote_code,
-                    **kwargs)
+
+def torch_device(device: int | str):
+    """The pipeline's device convention (-1 = CPU, N = cuda:N, or a device string) as a torch device string."""
+    if isinstance(device, str) and not device.lstrip("-").isdigit():
+        return device
+    return "cpu" if int(device) < 0 else f"cuda:{int(device)}"
 
 
 def transcribe_files(asr, files: list[Path], chunk_length_s: float = 20.0, stride_length_s: float = 4.0):
@@ -67,13 +69,21 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk_length_s", type=float, default=20.0)
     parser.add_argument("--stride_length_s", type=float, default=4.0)
     parser.add_argument("--device", default=-1)
-    parser.add_argument("--lm", help="KenLM .arpa/.bin for beam search with pyctcdecode")
+    parser.add_argument("--lm", help="KenLM .arpa/.bin for beam search with pyctcdecode (extra `[lm]`); build a "
+                        "bigram from transcripts with `python -m data2vec_aqc_hf.lm texts.txt lm.arpa`")
+    parser.add_argument("--lm_alpha", type=float, default=0.5, help="LM weight")
+    parser.add_argument("--lm_beta", type=float, default=1.0, help="word insertion bonus")
+    parser.add_argument("--beam_width", type=int, default=100)
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
     files = audio_files(args.inputs)
     if not files:
         parser.error(f"no audio files in {args.inputs}")
-    asr = build_pipeline(args.model, args.device, args.lm, args.trust_remote_code)
+    try:
+        asr = build_pipeline(args.model, args.device, args.lm, args.trust_remote_code, args.lm_alpha, args.lm_beta,
+                             args.beam_width)
+    except (OSError, ImportError) as err:  # a missing model, LM file or optional extra: one clear line
+        parser.error(str(err))
     out = open(args.output, "w") if args.output else None
     failures = 0
     for path, text, error in transcribe_files(asr, files, args.chunk_length_s, args.stride_length_s):
@@ -87,3 +97,7 @@ def main(argv=None) -> int:
     if out:
         out.close()
     return 1 if failures == len(files) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,6 +37,13 @@ def test_text_vocab_and_speaker_split():
     with pytest.raises(ValueError, match="not in the data"):
         split_by_speaker(rows, ["z"])
     assert wer_cer(["A B"], ["A C"])["wer"] == 0.5
+    # the evaluate metric loads from the package with the Hub offline; one substitution in 2 words / 3 characters
+    from data2vec_aqc_hf.metrics import load_metric
+
+    metric = load_metric()
+    metric.add_batch(predictions=["A B"], references=["A C"])
+    metric.add_batch(predictions=["X"], references=[""])  # empty reference: skipped, as in `wer_cer`
+    assert metric.compute() == pytest.approx({"wer": 0.5, "cer": 1 / 3})
 
 
 def test_bad_examples_are_reported_by_file(tmp_path, caplog):

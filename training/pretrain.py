@@ -8,6 +8,8 @@
 import json
 import logging
 
+from accelerate import PartialState
+
 from data2vec_aqc_hf.cli import parse_args
 from data2vec_aqc_hf.pretraining import PretrainingArguments, run_pretraining
 
@@ -15,4 +17,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     (args,) = parse_args(PretrainingArguments)
     summary = run_pretraining(args)
-    print("SUMMARY " + json.dumps(summary))
+    if PartialState().is_main_process:  # one summary line, not one per rank interleaved on a shared pipe
+        print("SUMMARY " + json.dumps(summary), flush=True)
