@@ -28,6 +28,11 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = TARGET_SAMPLING_R
     return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
+def resampled_length(num_samples: int, orig_sr: int, target_sr: int = TARGET_SAMPLING_RATE) -> int:
+    """The length `resample` gives (soxr rounds to the nearest sample)."""
+    return num_samples if orig_sr == target_sr else int(round(num_samples * target_sr / orig_sr))
+
+
 def prepare_audio(
     audio: np.ndarray,
     sampling_rate: int,

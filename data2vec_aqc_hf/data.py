@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example
+from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example, resampled_length
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +190,15 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _local_order(self, worker: int, num_workers: int) -> list[int]:
+        """Indices into a list source that this rank and worker read this epoch, in order."""
+        order = list(range(len(self.source)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order[self.rank :: self.world_size][worker::num_workers]
+
     def _examples(self, worker: int, num_workers: int) -> Iterator[dict]:
         if isinstance(self.source, list):
-            order = list(range(len(self.source)))
-            random.Random(self.seed + self.epoch).shuffle(order)
-            mine = order[self.rank :: self.world_size][worker::num_workers]
-            yield from (self.source[i] for i in mine)
+            yield from (self.source[i] for i in self._local_order(worker, num_workers))
         else:  # a datasets IterableDataset: datasets splits it over workers itself
             from datasets.distributed import split_dataset_by_node
 
@@ -204,6 +206,29 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             ds.set_epoch(self.epoch)
             yield from ds
+
+    def _closes_batch(self, pending_longest: int, pending_count: int, new_length: int) -> bool:
+        """Whether the pending utterances form a batch before one of `new_length` samples joins (padded size)."""
+        return pending_count > 0 and max(pending_longest, new_length) * (pending_count + 1) > self.max_batch_samples
+
+    def batches_per_epoch(self, lengths: list[int], num_workers: int = 0) -> int:
+        """How many batches this rank yields this epoch from a list source whose 16 kHz lengths are `lengths`
+        (e.g. from `header_lengths`): the same order, minimum length and batching rule as `__iter__`, computed
+        without decoding. Files whose content turns out unusable (silent, NaN) make the real count smaller."""
+        if not isinstance(self.source, list):
+            raise TypeError("batches_per_epoch needs a list source (a streamed Hub dataset has no known length)")
+        total = 0
+        for worker in range(max(1, num_workers)):
+            longest = count = 0
+            for i in self._local_order(worker, max(1, num_workers)):
+                if lengths[i] < max(self.min_samples, 1):
+                    continue
+                crop = min(lengths[i], self.max_samples)
+                if self._closes_batch(longest, count, crop):
+                    total, longest, count = total + 1, 0, 0
+                longest, count = max(longest, crop), count + 1
+            total += count > 0
+        return total
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -225,8 +250,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             if len(audio) > self.max_samples:
                 self.stats.cropped += 1
             crop = normalize(random_crop(audio, self.max_samples, rng))
-            longest = max([len(crop)] + [len(w) for w in pending])
-            if pending and longest * (len(pending) + 1) > self.max_batch_samples:
+            if self._closes_batch(max((len(w) for w in pending), default=0), len(pending), len(crop)):
                 yield collate_audio(pending)
                 pending = []
             pending.append(crop)
@@ -251,5 +275,16 @@ def hours(num_samples: float) -> float:
     return num_samples / TARGET_SAMPLING_RATE / 3600.0
 
 
-def steps_per_epoch_estimate(num_items: int, mean_samples: float, max_batch_samples: int) -> int:
-    return max(1, math.ceil(num_items * mean_samples / max_batch_samples))
+def header_lengths(items: list[dict]) -> list[int]:
+    """16 kHz lengths of local items from their file headers (no decoding); 0 for a file that cannot be opened."""
+    import soundfile as sf
+
+    lengths = []
+    for item in items:
+        try:
+            info = sf.info(item["audio"])
+        except (sf.LibsndfileError, RuntimeError, OSError):
+            lengths.append(0)
+            continue
+        lengths.append(resampled_length(info.frames, info.samplerate))
+    return lengths

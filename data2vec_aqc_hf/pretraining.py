@@ -23,7 +23,7 @@ from transformers import Wav2Vec2FeatureExtractor
 
 from .audio import TARGET_SAMPLING_RATE
 from .configuration_data2vec_aqc import Data2VecAQCConfig
-from .data import DataStats, PretrainingStream, check_usable, hours, load_hub_audio, local_items
+from .data import DataStats, PretrainingStream, check_usable, header_lengths, hours, load_hub_audio, local_items
 from .modeling_data2vec_aqc import Data2VecAQCForPreTraining
 from .schedules import tri_stage_schedule
 
@@ -65,7 +65,12 @@ class PretrainingArguments:
     warmup_ratio: float = 0.03
     hold_ratio: float = 0.9
     decay_ratio: float = 0.07
-    max_steps: int = 400_000
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer updates to run; the LR schedule spans them "
+                                                         "(default without num_train_epochs: the paper's 400k)."})
+    num_train_epochs: int | None = field(default=None, metadata={
+        "help": "Stop after this many passes over the data (every rank), or at max_steps if that comes first. Local "
+                "data: the schedule length is computed from the file headers; a streamed Hub dataset has no length, "
+                "so it also needs --max_steps."})
     stop_after_steps: int | None = field(default=None, metadata={"help": "Stop (and checkpoint) early at this step; "
                                                                          "the schedule still spans max_steps."})
     gradient_accumulation_steps: int = 1
@@ -87,6 +92,13 @@ class PretrainingArguments:
             raise ValueError("give exactly one of --dataset_name (Hub) or --train_data (local dir/.csv/.tsv)")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id")
+        if self.max_steps <= 0 and self.num_train_epochs is None:
+            self.max_steps = 400_000  # the paper's base recipe
+        if self.num_train_epochs is not None and self.num_train_epochs < 1:
+            raise ValueError(f"num_train_epochs must be >= 1, got {self.num_train_epochs}")
+        if self.num_train_epochs is not None and self.max_steps <= 0 and self.dataset_name is not None:
+            raise ValueError("--num_train_epochs on a streamed Hub dataset needs --max_steps too: the stream has no "
+                             "length to size the learning-rate schedule from")
         if self.min_duration_in_seconds > self.max_duration_in_seconds:
             raise ValueError("min_duration_in_seconds must be <= max_duration_in_seconds")
 
@@ -244,6 +256,51 @@ def load_noise_bank(noise_dir: str, max_clips: int = 2000) -> list[torch.Tensor]
     return clips
 
 
+def epochs_schedule_steps(stream: PretrainingStream, epochs: int, world_size: int, num_workers: int,
+                          accumulation: int) -> int:
+    """Optimizer updates in `epochs` passes over a local source: the batches of the rank with the most over all
+    epochs (the others wait for it, training on their next epoch's first batches), over the accumulation steps."""
+    lengths = header_lengths(stream.source)
+    saved = (stream.rank, stream.epoch)
+    per_rank = [0] * world_size
+    for rank in range(world_size):
+        for epoch in range(epochs):
+            stream.rank, stream.epoch = rank, epoch
+            per_rank[rank] += stream.batches_per_epoch(lengths, num_workers)
+    stream.rank, stream.epoch = saved
+    return max(1, math.ceil(max(per_rank) / accumulation))
+
+
+def with_last(iterable):
+    """Yield `(item, is_last)`, looking one item ahead."""
+    iterator = iter(iterable)
+    try:
+        item = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield item, False
+        item = following
+    yield item, True
+
+
+class EpochAgreement:
+    """Whether every rank has finished its epochs: one all-reduce of a CPU flag per update over a gloo group, so
+    the check never waits on the GPU."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.group = None
+        if accelerator.num_processes > 1:
+            self.group = torch.distributed.new_group(backend="gloo")
+
+    def all_done(self, done_here: bool) -> bool:
+        if self.group is None:
+            return done_here
+        flag = torch.tensor([int(done_here)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+
 def run_pretraining(args: PretrainingArguments) -> dict:
     """Pretrain and return a summary dict (also written to `output_dir/summary.json`)."""
     output_dir = Path(args.output_dir)
@@ -271,7 +328,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     )
     loader_kwargs = dict(batch_size=None, num_workers=args.dataloader_num_workers)
     optimizer = build_optimizer(model, args)
-    scheduler = tri_stage_schedule(optimizer, args.max_steps, (args.warmup_ratio, args.hold_ratio, args.decay_ratio))
+    schedule_steps = args.max_steps
+    if schedule_steps <= 0:  # epochs on local data: size the schedule from the file headers
+        schedule_steps = epochs_schedule_steps(stream, args.num_train_epochs, accelerator.num_processes,
+                                               args.dataloader_num_workers, args.gradient_accumulation_steps)
+        accelerator.print(f"{args.num_train_epochs} epoch(s) of {description}: {schedule_steps} updates")
+    scheduler = tri_stage_schedule(optimizer, schedule_steps, (args.warmup_ratio, args.hold_ratio, args.decay_ratio))
     # the scheduler is stepped by us once per optimizer update (accelerate's wrapper would step it num_processes
     # times per update), and checkpointed as a registered object
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -292,17 +354,21 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         accelerator.init_trackers("pretrain", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                       for k, v in asdict(args).items()})
 
-    stop_at = min(args.max_steps, args.stop_after_steps or args.max_steps)
-    progress = tqdm(total=stop_at, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc="pretraining", unit="step")
+    stop_at = min(args.max_steps if args.max_steps > 0 else math.inf, args.stop_after_steps or math.inf)
+    epochs = EpochAgreement(accelerator) if args.num_train_epochs else None
+    progress = tqdm(total=min(schedule_steps, stop_at), initial=state.step, desc="pretraining", unit="step",
+                    disable=not accelerator.is_local_main_process)
     history, last_logs, warned = [], {}, set()
     start_time, start_samples = time.time(), state.samples_seen
     model.train()
-    while state.step < stop_at:
+    # ranks leave the loop together: on the step limit, or when all agree their epochs are done (a rank whose shard
+    # ran out first keeps training on its next epoch's batches meanwhile, so DDP's collectives stay matched)
+    epochs_done = epochs is not None and epochs.all_done(state.epoch >= args.num_train_epochs)  # resumed at the end
+    while state.step < stop_at and not epochs_done:
         stream.set_epoch(state.epoch)
         loader = torch.utils.data.DataLoader(stream, **loader_kwargs)
         batches_this_epoch = 0
-        for batch in loader:
+        for batch, last_of_epoch in with_last(loader):
             batches_this_epoch += 1
             if batches_this_epoch <= state.batches_in_epoch:  # resuming: replay the data position exactly
                 continue
@@ -324,7 +390,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             unwrapped.update_teacher()
             state.step += 1
             progress.update(1)
-            if state.step % args.logging_steps == 0 or state.step == stop_at:
+            epochs_done = epochs is not None and epochs.all_done(state.epoch + last_of_epoch >= args.num_train_epochs)
+            if epochs_done and last_of_epoch:  # this rank's last epoch ended with this batch
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if state.step % args.logging_steps == 0 or state.step == stop_at or epochs_done:
                 last_logs = scalar_logs(out, scheduler.get_last_lr()[0])
                 last_logs["hours_seen"] = hours(state.samples_seen)
                 history.append({"step": state.step, **last_logs})
@@ -335,14 +404,14 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                     if kind not in warned:  # once per kind, the tensorboard curves show the rest
                         warned.add(kind)
                         logger.warning(warning)
-            if state.step % args.save_steps == 0 or state.step == stop_at:
+            if state.step % args.save_steps == 0 or state.step == stop_at or epochs_done:
                 path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit, state)
                 if args.push_to_hub and args.push_checkpoints and accelerator.is_main_process:
                     from .hub import push_folder
 
                     push_folder(path, args.hub_model_id, f"checkpoint {state.step}", args.hub_private_repo,
                                 path_in_repo=f"checkpoints/{path.name}")
-            if state.step >= stop_at:
+            if state.step >= stop_at or epochs_done:
                 break
         else:  # the epoch ended
             if state.epoch == 0 or batches_this_epoch == 0:
@@ -361,7 +430,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "world_size": accelerator.num_processes, "data": stats.as_dict(),
         "final": {k: round(v, 5) for k, v in last_logs.items()},
     }
-    if state.step >= args.max_steps and accelerator.is_main_process:
+    finished = (0 < args.max_steps <= state.step) or bool(args.num_train_epochs and state.epoch >= args.num_train_epochs)
+    if finished and accelerator.is_main_process:
         finish(unwrapped, args, summary, history, output_dir, description)
     elif accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -84,6 +84,33 @@ def test_sharding_over_ranks_and_workers_covers_each_example_once():
     assert len(seen) == len(items) and len(set(seen)) == len(items)
 
 
+def test_batches_per_epoch_predicts_the_stream_without_decoding():
+    """The header-based batch count (used to size the LR schedule for --num_train_epochs) equals what the stream
+    yields, per rank, per epoch (the shuffle changes), with and without dataloader workers; 8 kHz FSDD files are
+    counted at their 16 kHz length and the ones under the minimum are left out, as the stream does."""
+    from data2vec_aqc_hf.data import header_lengths
+
+    items = local_items(DEMO / "unlabeled.csv") + local_items(DEMO / "metadata.csv")
+    lengths = header_lengths(items)
+    assert lengths[-1] == 2 * sf.info(items[-1]["audio"]).frames  # 8 kHz -> 16 kHz
+    counts = set()
+    logging.disable(logging.WARNING)  # the too-short digits are skipped with a warning each
+    try:
+        for workers in (0, 2):
+            for rank in range(2):
+                for epoch in range(2):
+                    stream = _stream(items, rank=rank, world_size=2, min_samples=8000, max_samples=48000,
+                                     max_batch_samples=96000)
+                    stream.set_epoch(epoch)
+                    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+                    actual = sum(1 for _ in loader)
+                    assert stream.batches_per_epoch(lengths, workers) == actual, (workers, rank, epoch)
+                    counts.add(actual)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert len(counts) > 1 and min(counts) > 5  # a real test: several batches, counts differ between shards
+
+
 def test_bad_files_are_skipped_with_warning_and_counted(tmp_path, caplog):
     shutil.copy(demo_unlabeled_paths()[0], tmp_path / "good.flac")
     (tmp_path / "broken.wav").write_bytes(b"garbage")

@@ -69,6 +69,38 @@ def test_two_ranks_pretrain_falling_loss_checkpoint_and_exact_resume(tmp_path):
     assert isinstance(model, Data2VecAQCForPreTraining) and model.num_updates.item() == 8
 
 
+def test_epochs_stop_criterion_two_ranks_with_accumulation(tmp_path):
+    """--num_train_epochs 2: both ranks stop together (no hang) at the first update where every rank has seen its
+    whole shard twice; the count is checked against batches actually yielded by each rank's stream."""
+    import math
+
+    import torch
+
+    from data2vec_aqc_hf.data import PretrainingStream, local_items
+
+    items = local_items(DEMO / "unlabeled.csv")
+    batches = []
+    for rank in range(2):
+        stream = PretrainingStream(items, min_samples=56000, max_samples=64000, max_batch_samples=64000, seed=0,
+                                   rank=rank, world_size=2)  # one utterance per batch; the 3.07 s clip is skipped
+        total = 0
+        for epoch in range(2):
+            stream.set_epoch(epoch)
+            total += sum(1 for _ in torch.utils.data.DataLoader(stream, batch_size=None))
+        batches.append(total)
+    assert sum(batches) == 2 * (len(items) - 1)
+    expected = math.ceil(max(batches) / 2)
+    summary, res = _launch(COMMON + ["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--save_steps", "100",
+                                     "--gradient_accumulation_steps", "2", "--min_duration_in_seconds", "3.5",
+                                     "--max_duration_in_seconds", "4", "--max_batch_duration_in_seconds", "4"],
+                            two_ranks=True)
+    assert summary["world_size"] == 2 and summary["epochs_completed"] == 2
+    assert summary["steps"] == expected, (summary["steps"], batches)
+    print("batches per rank", batches, "updates", expected)
+    assert f"2 epoch(s) of {DEMO / 'unlabeled.csv'}: {expected} updates" in res.stdout
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / f"checkpoints/checkpoint-{expected}").is_dir()
+
+
 def test_loss_falls_over_a_short_run(tmp_path):
     summary, res = _launch(COMMON + ["--output_dir", str(tmp_path), "--max_steps", "30", "--save_steps", "30",
                                      "--logging_steps", "1"])
