@@ -1,4 +1,7 @@
-"""Language-model decoding for CTC models: KenLM n-grams through pyctcdecode (`pip install data2vec_aqc_hf[lm]`).
+"""Language-model decoding for CTC models: KenLM n-grams through pyctcdecode.
+
+Install: `pip install "data2vec_aqc_hf[lm]" && pip install --no-deps pyctcdecode==0.5.0` (pyctcdecode pins numpy<2,
+which would break pyarrow/datasets; it works with numpy 2).
 
 transformers deprecates the pipeline's pyctcdecode `decoder` argument (removed in v6) and asks callers to use
 pyctcdecode directly, so this module does: `chunked_ctc_logits` computes the logits of audio of any length with the
@@ -87,7 +90,8 @@ def build_lm_decoder(tokenizer, lm_path: str | Path, alpha: float = 0.5, beta: f
     try:
         from pyctcdecode import build_ctcdecoder
     except ImportError as err:
-        raise ImportError("LM decoding needs pyctcdecode and kenlm: pip install 'data2vec_aqc_hf[lm]'") from err
+        raise ImportError("LM decoding needs pyctcdecode and kenlm: pip install 'data2vec_aqc_hf[lm]' && "
+                          "pip install --no-deps pyctcdecode==0.5.0") from err
     lm_path = Path(lm_path)
     if not lm_path.is_file():
         raise FileNotFoundError(f"{lm_path}: language model file not found")

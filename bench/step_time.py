@@ -1,0 +1,221 @@
+"""Pretraining step time: data2vec-aqc (ours) against transformers' own pretraining code, same device, same batch.
+
+    python bench/step_time.py --preset tiny                         # CPU smoke run, seconds
+    python bench/step_time.py --preset base --dtype bf16 --steps 20  # on a GPU
+
+Each contender does the full optimizer step the way its training script does it, on the same real speech batch:
+* `w2v2-hf`: `Wav2Vec2ForPreTraining` as `run_wav2vec2_pretraining_no_trainer.py` drives it: masks and negatives from
+  transformers' numpy helpers on the host, copied to the device, forward (contrastive + diversity), backward, AdamW,
+  Gumbel temperature update. Same width/depth as our preset.
+* `d2v-aqc`: `Data2VecAQCForPreTraining` (student + EMA teacher + augmentation + quantizer + clustering), backward,
+  AdamW, `update_teacher()`; masks/negatives/augmentation on the device.
+* `d2v-plain`: ours with `objective="data2vec"` (the AQC parts off), the data2vec baseline.
+* `backbone`: a stock `Data2VecAudioModel` forward + backward of the student alone: the floor any method pays.
+Prints ms/step, audio-seconds per second, and ratios against `w2v2-hf` measured in this run; writes JSON and a PNG.
+fairseq is not installable here (no wheels for this Python/torch); its numbers are not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data2vec_aqc_hf import Data2VecAQCConfig, Data2VecAQCForPreTraining  # noqa: E402
+from data2vec_aqc_hf.audio import load_audio  # noqa: E402
+from data2vec_aqc_hf.data import local_items, normalize  # noqa: E402
+
+
+def speech_batch(batch_size: int, seconds: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real LibriSpeech speech (shared corpus if present, else the vendored clips), cropped to `seconds`."""
+    shared = ROOT.parent / "shared" / "speech_corpus"
+    files = sorted((shared / "unlabeled").rglob("*.flac")) if shared.exists() else []
+    files = files or [Path(i["audio"]) for i in local_items(ROOT / "data/demo/unlabeled.csv")]
+    length = int(seconds * 16000)
+    waves = []
+    for path in files:
+        audio = load_audio(path)
+        if len(audio) >= length:
+            waves.append(normalize(audio[:length]))
+        if len(waves) == batch_size:
+            break
+    if not waves:
+        raise SystemExit(f"no utterance of at least {seconds} s found; lower --seconds")
+    waves += [waves[i % len(waves)] for i in range(batch_size - len(waves))]  # too few long files: repeat
+    x = torch.from_numpy(np.stack(waves)).to(device)
+    return x, torch.ones_like(x, dtype=torch.long)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, steps: int, warmup: int, device) -> list[float]:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ours_step(config: Data2VecAQCConfig, x, mask, device, autocast):
+    model = Data2VecAQCForPreTraining(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.student_parameters(), lr=5e-4)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        with autocast():
+            out = model(x, attention_mask=mask, generator=generator)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_teacher()
+
+    return step, sum(p.numel() for p in model.student_parameters())
+
+
+def hf_wav2vec2_step(config: Data2VecAQCConfig, x, mask, device, autocast):
+    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+    w2v = Wav2Vec2Config(
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        conv_dim=config.conv_dim, conv_stride=config.conv_stride, conv_kernel=config.conv_kernel,
+        num_conv_pos_embeddings=config.num_conv_pos_embeddings, feat_extract_norm="layer", do_stable_layer_norm=False,
+        mask_time_prob=config.mask_time_prob, mask_time_length=config.mask_time_length,
+        num_codevector_groups=config.num_codevector_groups, num_codevectors_per_group=config.num_codevectors_per_group,
+        codevector_dim=config.codevector_dim, proj_codevector_dim=config.proj_codevector_dim,
+        num_negatives=config.num_negatives, layerdrop=0.0, attn_implementation=config._attn_implementation,
+    )
+    model = Wav2Vec2ForPreTraining(w2v).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    num_updates = [0]
+
+    def step():
+        # the collator of transformers' pretraining script: numpy on the host, then to the device
+        frames = int(model._get_feat_extract_output_lengths(torch.tensor(x.shape[1])))
+        shape = (x.shape[0], frames)
+        sub_mask = model._get_feature_vector_attention_mask(frames, mask.cpu())
+        mask_time = _compute_mask_indices(shape, w2v.mask_time_prob, w2v.mask_time_length, attention_mask=sub_mask,
+                                          min_masks=2)
+        negatives = _sample_negative_indices(shape, w2v.num_negatives, mask_time_indices=mask_time)
+        mask_time = torch.tensor(mask_time, dtype=torch.bool, device=device)
+        negatives = torch.tensor(negatives, dtype=torch.long, device=device)
+        with autocast():
+            out = model(x, attention_mask=mask, mask_time_indices=mask_time, sampled_negative_indices=negatives)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        num_updates[0] += 1
+        model.set_gumbel_temperature(max(2.0 * 0.999995 ** num_updates[0], 0.5))
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def backbone_step(config: Data2VecAQCConfig, x, mask, device, autocast):
+    from transformers import Data2VecAudioModel
+
+    model = Data2VecAudioModel(config.to_data2vec_audio_config()).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+
+    def step():
+        with autocast():
+            hidden = model(x, attention_mask=mask).last_hidden_state
+        hidden.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "base"])
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0, help="audio per utterance")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", default=str(ROOT / "outputs/bench"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+
+    x, mask = speech_batch(args.batch_size, args.seconds, device)
+    audio_seconds = args.batch_size * args.seconds
+    config = Data2VecAQCConfig.from_preset(args.preset, layerdrop=0.0)
+    contenders = {
+        "w2v2-hf": lambda: hf_wav2vec2_step(config, x, mask, device, autocast),
+        "d2v-aqc": lambda: ours_step(config, x, mask, device, autocast),
+        "d2v-plain": lambda: ours_step(Data2VecAQCConfig.from_preset(args.preset, layerdrop=0.0,
+                                                                     objective="data2vec"), x, mask, device, autocast),
+        "backbone": lambda: backbone_step(config, x, mask, device, autocast),
+    }
+    results = {}
+    for name, build in contenders.items():
+        step, params = build()
+        times = time_steps(step, args.steps, args.warmup, device)
+        median = statistics.median(times)
+        results[name] = {"ms_per_step": 1000 * median, "audio_s_per_s": audio_seconds / median, "params": params,
+                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    base = results["w2v2-hf"]["ms_per_step"]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"{args.preset} preset, batch {args.batch_size} x {args.seconds} s, {args.dtype}, {name}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'':10s} {'ms/step':>9s} {'audio s/s':>10s} {'x w2v2-hf time':>15s} {'params':>12s}")
+    for key, r in results.items():
+        r["time_ratio_vs_w2v2_hf"] = r["ms_per_step"] / base
+        print(f"{key:10s} {r['ms_per_step']:9.1f} {r['audio_s_per_s']:10.1f} {r['time_ratio_vs_w2v2_hf']:15.2f} "
+              f"{r['params']:12,d}")
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"step_time_{args.preset}_{args.dtype}_{device.type}"
+    (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "device": name, "results": results}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(list(results), [r["audio_s_per_s"] for r in results.values()], color=["gray", "C0", "C1", "C2"])
+    ax.set_ylabel("audio seconds / second")
+    ax.set_title(f"pretraining throughput, {args.preset}, {args.dtype}, {name}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / f"{tag}.png", dpi=120)
+    print(f"wrote {out / tag}.json and .png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
