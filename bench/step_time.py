@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data2vec_aqc_hf import Data2VecAQCConfig, Data2VecAQCForPreTraining  # noqa: E402
-from data2vec_aqc_hf.audio import load_audio  # noqa: E402
-from data2vec_aqc_hf.data import local_items, normalize  # noqa: E402
+from data2vec_aqc_hf import Data2VecAQCConfig, Data2VecAQCForPreTraining
+from data2vec_aqc_hf.audio import load_audio
+from data2vec_aqc_hf.data import local_items, normalize
 
 
 def speech_batch(batch_size: int, seconds: float, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from transformers import (
     Wav2Vec2Processor,
 )
 
-from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio, load_audio_example
+from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example
 from .metrics import load_metric, wer_cer
 
 logger = logging.getLogger(__name__)

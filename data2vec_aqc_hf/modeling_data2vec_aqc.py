@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Data2VecAudioForCTC, Data2VecAudioModel
 from transformers import initialization as init

@@ -28,8 +28,9 @@ def build_pipeline(model: str, device: int | str = -1, lm: str | None = None, tr
                    lm_alpha: float = 0.5, lm_beta: float = 1.0, beam_width: int = 100):
     """The transformers ASR pipeline for `model` (greedy CTC); with `lm`, an `LMTranscriber` with the same call
     signature that decodes with a KenLM beam search (transformers deprecates LM decoding inside the pipeline)."""
-    import data2vec_aqc_hf  # noqa: F401  (registers data2vec-aqc checkpoints)
     from transformers import AutoModelForCTC, AutoProcessor, pipeline
+
+    import data2vec_aqc_hf  # noqa: F401  (registers data2vec-aqc checkpoints)
 
     device = torch_device(device)
     if lm:

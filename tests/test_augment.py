@@ -1,6 +1,6 @@
 import torch
-
 from conftest import tiny_config
+
 from data2vec_aqc_hf.augment import (
     WaveformAugmenter,
     add_white_noise,

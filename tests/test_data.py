@@ -1,4 +1,3 @@
-import csv
 import logging
 import shutil
 
@@ -6,8 +5,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import DEMO, demo_unlabeled_paths
+
 from data2vec_aqc_hf.audio import AudioError, load_audio
 from data2vec_aqc_hf.data import (
     DataStats,

@@ -2,16 +2,14 @@
 
 import json
 import logging
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import DEMO, tiny_config
+from test_modeling import _run_without_package
 from transformers import TrainingArguments
 
-from conftest import DEMO, ROOT
 from data2vec_aqc_hf import Data2VecAQCForPreTraining
 from data2vec_aqc_hf.finetuning import (
     CTCDataset,
@@ -23,8 +21,6 @@ from data2vec_aqc_hf.finetuning import (
     split_by_speaker,
 )
 from data2vec_aqc_hf.metrics import wer_cer
-from test_modeling import _run_without_package
-from conftest import tiny_config
 
 
 def test_text_vocab_and_speaker_split():
@@ -99,9 +95,10 @@ def test_finetune_save_stock_and_pipeline_without_package(tmp_path, monkeypatch)
     clips = [DEMO / "audio/fsdd/yweweler/3_yweweler_0.flac", DEMO / "audio/fsdd/lucas/5_lucas_1.flac"]
     asr = build_pipeline(str(final))
     ours = [text for _, text, _ in transcribe_files(asr, clips)]
-    from data2vec_aqc_hf.finetuning import transcribe_arrays
-    from data2vec_aqc_hf.audio import load_audio
     from transformers import AutoModelForCTC, AutoProcessor
+
+    from data2vec_aqc_hf.audio import load_audio
+    from data2vec_aqc_hf.finetuning import transcribe_arrays
 
     direct = transcribe_arrays(AutoModelForCTC.from_pretrained(final), AutoProcessor.from_pretrained(final),
                                [load_audio(c) for c in clips], batch_size=1)

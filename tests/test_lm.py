@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import DEMO, ROOT, demo_unlabeled_paths, tiny_config
+
 from data2vec_aqc_hf import Data2VecAQCForCTC
 from data2vec_aqc_hf.audio import load_audio
 from data2vec_aqc_hf.finetuning import build_vocab, make_processor

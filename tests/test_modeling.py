@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import real_speech_batch, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCTC, AutoModelForPreTraining, Data2VecAudioModel
 
-from conftest import ROOT, real_speech_batch, tiny_config
 from data2vec_aqc_hf import Data2VecAQCForCTC, Data2VecAQCForPreTraining, Data2VecAQCModel
 from data2vec_aqc_hf.export import save_as_data2vec_audio
 from data2vec_aqc_hf.masking import compute_span_mask, sample_negative_indices

@@ -1,14 +1,14 @@
 """End-to-end: training/pretrain.py under accelerate on real speech (vendored LibriSpeech clips)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import DEMO, ROOT
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_two_ranks_pretrain_falling_loss_checkpoint_and_exact_resume(tmp_path):
     assert (tmp_path / "full/loss.png").exists() and (tmp_path / "full/README.md").exists()
     assert list((tmp_path / "full/runs").rglob("events.out.tfevents*")), "no tensorboard events"
     history = full["final"]
-    assert all(v == v for v in history.values())  # finite (no NaN)
+    assert all(math.isfinite(v) for v in history.values())
 
     # stop at step 4, then resume from 'latest' to step 8: same parameters as the uninterrupted run
     _launch(COMMON + ["--output_dir", str(tmp_path / "split"), "--max_steps", "8", "--save_steps", "4",
@@ -62,8 +62,9 @@ def test_two_ranks_pretrain_falling_loss_checkpoint_and_exact_resume(tmp_path):
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
 
-    from data2vec_aqc_hf import Data2VecAQCForPreTraining
     from transformers import AutoModelForPreTraining
+
+    from data2vec_aqc_hf import Data2VecAQCForPreTraining
 
     model = AutoModelForPreTraining.from_pretrained(tmp_path / "full")
     assert isinstance(model, Data2VecAQCForPreTraining) and model.num_updates.item() == 8

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config
+
 from data2vec_aqc_hf import Data2VecAQCForPreTraining
 from data2vec_aqc_hf.teacher import average_layer_targets, ema_decay, ema_update_, masked_instance_norm
 

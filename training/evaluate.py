@@ -6,9 +6,9 @@
 import argparse
 import json
 
-import data2vec_aqc_hf  # noqa: F401
 from transformers import AutoModelForCTC, AutoProcessor
 
+import data2vec_aqc_hf  # noqa: F401
 from data2vec_aqc_hf.finetuning import CTCDataset, evaluate_rows, read_manifest
 
 if __name__ == "__main__":
