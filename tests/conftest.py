@@ -56,3 +56,20 @@ def speech_batch():
 
 def needs_shared():
     return pytest.mark.skipif(not SHARED.exists(), reason=f"needs the shared speech corpus at {SHARED}")
+
+
+@pytest.fixture(scope="session")
+def random_ctc_dir(tmp_path_factory):
+    """A tiny, untrained CTC model with a processor; the head is scaled so argmax varies from frame to frame."""
+    from data2vec_aqc_hf import Data2VecAQCForCTC
+    from data2vec_aqc_hf.finetuning import build_vocab, make_processor
+
+    directory = tmp_path_factory.mktemp("ctc")
+    processor = make_processor(build_vocab(["ONE TWO THREE FOUR FIVE SIX SEVEN EIGHT NINE ZERO"]), directory)
+    torch.manual_seed(0)
+    model = Data2VecAQCForCTC(tiny_config(vocab_size=len(processor.tokenizer), layerdrop=0.0)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -2,11 +2,13 @@
 
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import DEMO, tiny_config
+from conftest import DEMO, ROOT, tiny_config
 from test_modeling import _run_without_package
 from transformers import TrainingArguments
 
@@ -137,3 +139,30 @@ def test_hub_split_reader_on_local_parquet_with_hub_schema(tmp_path):
     processor = make_processor(build_vocab(["ZERO"]), tmp_path / "proc")
     dataset = CTCDataset(rows, processor)
     assert len(dataset) == 3 and dataset[0]["speaker_id"] == "lucas" and dataset[0]["text"] == "ZERO"
+
+
+def test_evaluate_per_speaker_noise_and_script(random_ctc_dir, tmp_path):
+    """Per-speaker numbers add up to the overall WER (FSDD: one word per utterance, so WER is a per-utterance mean);
+    noise at 0 dB changes what the model hears; the script filters speakers and writes the same JSON."""
+    from transformers import AutoModelForCTC, AutoProcessor
+
+    from data2vec_aqc_hf.finetuning import evaluate_rows, read_manifest
+
+    model = AutoModelForCTC.from_pretrained(random_ctc_dir)
+    processor = AutoProcessor.from_pretrained(random_ctc_dir)
+    rows = [r for r in read_manifest(DEMO / "metadata.csv") if r["speaker_id"] in {"fsdd_lucas", "fsdd_jackson"}]
+    dataset = CTCDataset(rows, processor)
+    clean = evaluate_rows(model, processor, dataset)
+    assert clean["num_utterances"] == len(rows) and set(clean["per_speaker"]) == {"fsdd_lucas", "fsdd_jackson"}
+    counts = {s: sum(r["speaker_id"] == s for r in rows) for s in clean["per_speaker"]}
+    pooled = sum(clean["per_speaker"][s]["wer"] * n for s, n in counts.items()) / len(rows)
+    assert clean["wer"] == pytest.approx(pooled)
+    noisy = evaluate_rows(model, processor, dataset, snr_db=0.0)
+    assert [e["prediction"] for e in noisy["examples"]] != [e["prediction"] for e in clean["examples"]]
+
+    out = tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, str(ROOT / "training/evaluate.py"), str(random_ctc_dir),
+                             str(DEMO / "metadata.csv"), "--speakers", "fsdd_lucas,fsdd_jackson", "--output", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["wer"] == pytest.approx(clean["wer"])

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import DEMO, ROOT, demo_unlabeled_paths, tiny_config
+from conftest import DEMO, ROOT, demo_unlabeled_paths
 
-from data2vec_aqc_hf import Data2VecAQCForCTC
 from data2vec_aqc_hf.audio import load_audio
 from data2vec_aqc_hf.finetuning import build_vocab, make_processor
 from data2vec_aqc_hf.lm import build_lm_decoder, chunked_ctc_logits, ctc_labels, write_bigram_arpa
@@ -19,20 +18,6 @@ from data2vec_aqc_hf.lm import build_lm_decoder, chunked_ctc_logits, ctc_labels,
 HAVE_LM = importlib.util.find_spec("pyctcdecode") is not None and importlib.util.find_spec("kenlm") is not None
 needs_lm = pytest.mark.skipif(not HAVE_LM, reason="pyctcdecode/kenlm not installed (pip install -e '.[lm]' && "
                                                   "pip install --no-deps pyctcdecode==0.5.0; .ci/run does)")
-
-
-@pytest.fixture(scope="module")
-def random_ctc_dir(tmp_path_factory):
-    """A tiny, untrained CTC model with a processor; the head is scaled so argmax varies from frame to frame."""
-    directory = tmp_path_factory.mktemp("ctc")
-    processor = make_processor(build_vocab(["ONE TWO THREE FOUR FIVE SIX SEVEN EIGHT NINE ZERO"]), directory)
-    torch.manual_seed(0)
-    model = Data2VecAQCForCTC(tiny_config(vocab_size=len(processor.tokenizer), layerdrop=0.0)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
 
 
 def test_chunked_logits_equal_the_pipeline_chunking(random_ctc_dir, tmp_path):
