@@ -161,8 +161,26 @@ def test_evaluate_per_speaker_noise_and_script(random_ctc_dir, tmp_path):
     assert [e["prediction"] for e in noisy["examples"]] != [e["prediction"] for e in clean["examples"]]
 
     out = tmp_path / "eval.json"
-    result = subprocess.run([sys.executable, str(ROOT / "training/evaluate.py"), str(random_ctc_dir),
+    result = subprocess.run([sys.executable, str(ROOT / "training/evaluate_asr.py"), str(random_ctc_dir),
                              str(DEMO / "metadata.csv"), "--speakers", "fsdd_lucas,fsdd_jackson", "--output", str(out)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(out.read_text())["wer"] == pytest.approx(clean["wer"])
+
+
+def test_finetune_script_runs_as_a_script(tmp_path):
+    """`python training/finetune.py config.yaml --flags`: the script's folder is first on sys.path, so nothing in
+    training/ may shadow a library (a `training/evaluate.py` once hid the `evaluate` package from Trainer's metric)."""
+    pre = tmp_path / "pre"
+    from data2vec_aqc_hf import Data2VecAQCForPreTraining
+
+    Data2VecAQCForPreTraining(tiny_config()).save_pretrained(pre)
+    result = subprocess.run([sys.executable, str(ROOT / "training/finetune.py"), str(ROOT / "configs/demo_finetune.yaml"),
+                             "--model_name_or_path", str(pre), "--output_dir", str(tmp_path / "ft"), "--max_steps", "2",
+                             "--eval_steps", "2", "--save_steps", "2", "--warmup_steps", "0"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads([line for line in result.stdout.splitlines() if line.startswith("METRICS ")][-1][8:])
+    assert metrics["wer"] >= 0.0 and metrics["num_utterances"] == 40
+    assert (tmp_path / "ft/final/README.md").exists()

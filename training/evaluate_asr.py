@@ -1,6 +1,9 @@
 """Score a CTC model on a manifest: WER, CER, per speaker, optionally with white noise at a chosen SNR.
 
-    python training/evaluate.py MODEL data/demo/metadata.csv [--speakers fsdd_yweweler] [--snr_db 10]
+(Not named `evaluate.py`: a script of that name in `training/` would shadow the `evaluate` library for every
+script run from this folder, since Python puts the script's folder first on `sys.path`.)
+
+    python training/evaluate_asr.py MODEL data/demo/metadata.csv [--speakers fsdd_yweweler] [--snr_db 10]
 """
 
 import argparse
