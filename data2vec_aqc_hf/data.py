@@ -139,6 +139,13 @@ class DataStats:
     def as_dict(self):
         return {"loaded": self.loaded, "cropped": self.cropped, "skipped": len(self.skipped)}
 
+    def merge(self, other: DataStats) -> None:
+        self.loaded, self.cropped = self.loaded + other.loaded, self.cropped + other.cropped
+        self.skipped += other.skipped
+
+    def __bool__(self) -> bool:
+        return bool(self.loaded or self.cropped or self.skipped)
+
 
 def random_crop(audio: np.ndarray, max_samples: int, rng: random.Random) -> np.ndarray:
     """A uniformly placed window of at most `max_samples`."""
@@ -174,17 +181,20 @@ class PretrainingStream(torch.utils.data.IterableDataset):
       `min_samples` are skipped (counted as too short);
     * a batch holds as many utterances as fit in `max_batch_samples` padded samples.
     Iteration is deterministic given (seed, epoch, rank, worker), which is what makes resuming exact.
+
+    Each yielded dict carries `"data_stats"`, the `DataStats` of what was read since the previous one (dataloader
+    workers are separate processes, so counts travel with the data); after the last batch a dict with only
+    `"data_stats"` may follow. Consume through `iterate_batches(loader, stats)`, which sums them and yields batches.
     """
 
     def __init__(self, source, min_samples: int, max_samples: int, max_batch_samples: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, stats: DataStats | None = None):
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000):
         super().__init__()
         if max_batch_samples < max_samples:
             raise ValueError(f"max_batch_samples={max_batch_samples} must be >= max_samples={max_samples}")
         self.source, self.min_samples, self.max_samples = source, min_samples, max_samples
         self.max_batch_samples, self.seed, self.rank, self.world_size = max_batch_samples, seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
-        self.stats = stats or DataStats()
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -235,31 +245,43 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         pending: list[np.ndarray] = []
+        stats = DataStats()
         for example in self._examples(worker, num_workers):
             name = example["audio"] if isinstance(example["audio"], str) else (example["audio"] or {}).get("path")
             try:
                 audio = load_audio_example(example, "audio", channel=example.get("channel"))
             except AudioError as err:
-                self._skip(name, str(err))
+                self._skip(stats, name, str(err))
                 continue
             if len(audio) < self.min_samples:
-                self._skip(name, f"{len(audio) / TARGET_SAMPLING_RATE:.2f} s is shorter than the minimum "
-                                 f"{self.min_samples / TARGET_SAMPLING_RATE:.2f} s")
+                self._skip(stats, name, f"{len(audio) / TARGET_SAMPLING_RATE:.2f} s is shorter than the minimum "
+                                        f"{self.min_samples / TARGET_SAMPLING_RATE:.2f} s")
                 continue
-            self.stats.loaded += 1
+            stats.loaded += 1
             if len(audio) > self.max_samples:
-                self.stats.cropped += 1
+                stats.cropped += 1
             crop = normalize(random_crop(audio, self.max_samples, rng))
             if self._closes_batch(max((len(w) for w in pending), default=0), len(pending), len(crop)):
-                yield collate_audio(pending)
-                pending = []
+                yield {**collate_audio(pending), "data_stats": stats}
+                pending, stats = [], DataStats()
             pending.append(crop)
         if pending:
-            yield collate_audio(pending)
+            yield {**collate_audio(pending), "data_stats": stats}
+        elif stats:
+            yield {"data_stats": stats}
 
-    def _skip(self, name, reason):
-        self.stats.skipped.append((name, reason))
+    @staticmethod
+    def _skip(stats: DataStats, name, reason):
+        stats.skipped.append((name, reason))
         logger.warning("skipping %s", reason if name and str(name) in reason else f"{name}: {reason}")
+
+
+def iterate_batches(batches, stats: DataStats):
+    """The batches of a `PretrainingStream` (or a DataLoader over one), with their `data_stats` summed into `stats`."""
+    for item in batches:
+        stats.merge(item.pop("data_stats"))
+        if "input_values" in item:
+            yield item
 
 
 def check_usable(stats: DataStats, source_description: str) -> None:

@@ -23,7 +23,16 @@ from transformers import Wav2Vec2FeatureExtractor
 
 from .audio import TARGET_SAMPLING_RATE
 from .configuration_data2vec_aqc import Data2VecAQCConfig
-from .data import DataStats, PretrainingStream, check_usable, header_lengths, hours, load_hub_audio, local_items
+from .data import (
+    DataStats,
+    PretrainingStream,
+    check_usable,
+    header_lengths,
+    hours,
+    iterate_batches,
+    load_hub_audio,
+    local_items,
+)
 from .modeling_data2vec_aqc import Data2VecAQCForPreTraining
 from .schedules import tri_stage_schedule
 
@@ -324,7 +333,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         min_samples=int(args.min_duration_in_seconds * TARGET_SAMPLING_RATE),
         max_samples=int(args.max_duration_in_seconds * TARGET_SAMPLING_RATE),
         max_batch_samples=int(args.max_batch_duration_in_seconds * TARGET_SAMPLING_RATE),
-        seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes, stats=stats,
+        seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
     loader_kwargs = dict(batch_size=None, num_workers=args.dataloader_num_workers)
     optimizer = build_optimizer(model, args)
@@ -368,7 +377,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         stream.set_epoch(state.epoch)
         loader = torch.utils.data.DataLoader(stream, **loader_kwargs)
         batches_this_epoch = 0
-        for batch, last_of_epoch in with_last(loader):
+        for batch, last_of_epoch in with_last(iterate_batches(loader, stats)):
             batches_this_epoch += 1
             if batches_this_epoch <= state.batches_in_epoch:  # resuming: replay the data position exactly
                 continue

@@ -14,6 +14,7 @@ from data2vec_aqc_hf.data import (
     PretrainingStream,
     check_usable,
     fairseq_tsv_items,
+    iterate_batches,
     load_hub_audio,
     local_items,
 )
@@ -61,9 +62,14 @@ def _stream(items, **kw):
     return PretrainingStream(items, **args)
 
 
+def _batches(stream_or_loader, stats=None):
+    """The stream's batches (its per-batch `data_stats` summed into `stats`)."""
+    return list(iterate_batches(stream_or_loader, stats if stats is not None else DataStats()))
+
+
 def test_batches_bounded_by_total_samples_and_crops():
     items = local_items(DEMO / "unlabeled.csv")
-    batches = list(_stream(items))
+    batches = _batches(_stream(items))
     assert sum(b["input_values"].shape[0] for b in batches) == len(items)
     for b in batches:
         assert b["input_values"].numel() <= 192000 and b["input_values"].shape[1] <= 64000
@@ -78,7 +84,7 @@ def test_sharding_over_ranks_and_workers_covers_each_example_once():
     for rank in range(2):
         stream = _stream(items, rank=rank, world_size=2, max_batch_samples=64000)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
-        for batch in loader:
+        for batch in _batches(loader):
             seen += [round(float(v), 4) for v in batch["input_values"][:, :50].abs().sum(1)]
     assert len(seen) == len(items) and len(set(seen)) == len(items)
 
@@ -102,7 +108,7 @@ def test_batches_per_epoch_predicts_the_stream_without_decoding():
                                      max_batch_samples=96000)
                     stream.set_epoch(epoch)
                     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-                    actual = sum(1 for _ in loader)
+                    actual = len(_batches(loader))
                     assert stream.batches_per_epoch(lengths, workers) == actual, (workers, rank, epoch)
                     counts.add(actual)
     finally:
@@ -117,17 +123,38 @@ def test_bad_files_are_skipped_with_warning_and_counted(tmp_path, caplog):
     sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
     stats = DataStats()
     with caplog.at_level(logging.WARNING):
-        batches = list(_stream(local_items(tmp_path), stats=stats))
+        batches = _batches(_stream(local_items(tmp_path)), stats)
     assert sum(b["input_values"].shape[0] for b in batches) == 1
     assert stats.loaded == 1 and len(stats.skipped) == 3
     text = caplog.text
     assert "broken.wav" in text and "short.wav" in text and "shorter than the minimum" in text and "empty.wav" in text
 
 
+def test_counts_reach_the_main_process_from_dataloader_workers(tmp_path):
+    """Workers are separate processes: their loaded/skipped counts must travel with the data, or the trainer would
+    see 0 loaded files and stop with 'no usable audio' after the first epoch (it did, before this test)."""
+    for path in demo_unlabeled_paths()[:3]:
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "broken.wav").write_bytes(b"garbage")
+    for workers in (0, 2):
+        stats = DataStats()
+        loader = torch.utils.data.DataLoader(_stream(local_items(tmp_path), max_batch_samples=64000),
+                                             batch_size=None, num_workers=workers)
+        logging.disable(logging.WARNING)
+        try:
+            batches = _batches(loader, stats)
+        finally:
+            logging.disable(logging.NOTSET)
+        assert sum(b["input_values"].shape[0] for b in batches) == 3 and all("data_stats" not in b for b in batches)
+        assert (stats.loaded, len(stats.skipped)) == (3, 1), workers
+        assert "broken.wav" in stats.skipped[0][0]
+        check_usable(stats, str(tmp_path))  # no error
+
+
 def test_no_usable_audio_is_a_clear_error(tmp_path):
     (tmp_path / "broken.wav").write_bytes(b"garbage")
     stats = DataStats()
-    list(_stream(local_items(tmp_path), stats=stats))
+    _batches(_stream(local_items(tmp_path)), stats)
     with pytest.raises(NoUsableAudioError, match="no usable audio"):
         check_usable(stats, str(tmp_path))
 
@@ -170,10 +197,10 @@ def test_hub_streaming_path_on_local_parquet_with_librispeech_schema(tmp_path):
     files = _librispeech_parquet(tmp_path)
     ds = load_hub_audio("parquet", None, "train.clean.100+train.clean.360", data_files=files)
     stream = _stream(ds, shuffle_buffer=10)
-    batches = list(torch.utils.data.DataLoader(stream, batch_size=None))
+    batches = _batches(torch.utils.data.DataLoader(stream, batch_size=None))
     assert sum(b["input_values"].shape[0] for b in batches) == 8  # 4 utterances x 2 splits
     # two ranks of the streamed dataset see disjoint halves
-    counts = [sum(b["input_values"].shape[0] for b in _stream(ds, rank=r, world_size=2, shuffle_buffer=10))
+    counts = [sum(b["input_values"].shape[0] for b in _batches(_stream(ds, rank=r, world_size=2, shuffle_buffer=10)))
               for r in range(2)]
     assert counts == [4, 4]
 
@@ -191,5 +218,5 @@ def test_hub_two_channel_switchboard_style_split(tmp_path):
                                split_channels=True)
     examples = list(stream_ds)
     assert [e["channel"] for e in examples] == [0, 1]
-    batches = list(_stream(stream_ds, shuffle_buffer=4))
+    batches = _batches(_stream(stream_ds, shuffle_buffer=4))
     assert sum(b["input_values"].shape[0] for b in batches) == 2

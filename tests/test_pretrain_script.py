@@ -77,7 +77,7 @@ def test_epochs_stop_criterion_two_ranks_with_accumulation(tmp_path):
 
     import torch
 
-    from data2vec_aqc_hf.data import PretrainingStream, local_items
+    from data2vec_aqc_hf.data import DataStats, PretrainingStream, iterate_batches, local_items
 
     items = local_items(DEMO / "unlabeled.csv")
     batches = []
@@ -87,7 +87,7 @@ def test_epochs_stop_criterion_two_ranks_with_accumulation(tmp_path):
         total = 0
         for epoch in range(2):
             stream.set_epoch(epoch)
-            total += sum(1 for _ in torch.utils.data.DataLoader(stream, batch_size=None))
+            total += sum(1 for _ in iterate_batches(torch.utils.data.DataLoader(stream, batch_size=None), DataStats()))
         batches.append(total)
     assert sum(batches) == 2 * (len(items) - 1)
     expected = math.ceil(max(batches) / 2)
@@ -104,7 +104,9 @@ def test_epochs_stop_criterion_two_ranks_with_accumulation(tmp_path):
 
 def test_loss_falls_over_a_short_run(tmp_path):
     summary, res = _launch(COMMON + ["--output_dir", str(tmp_path), "--max_steps", "30", "--save_steps", "30",
-                                     "--logging_steps", "1"])
+                                     "--logging_steps", "1", "--dataloader_num_workers", "2"])
+    # several epochs through two worker processes: their counts reach the trainer (8 clips per epoch)
+    assert summary["epochs_completed"] >= 2 and summary["data"]["loaded"] >= 8 * summary["epochs_completed"]
     import re
 
     losses = [float(x) for x in re.findall(r"loss=([0-9.]+)", res.stderr)]
