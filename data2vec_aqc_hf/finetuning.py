@@ -22,6 +22,7 @@ from transformers import (
     Wav2Vec2CTCTokenizer,
     Wav2Vec2FeatureExtractor,
     Wav2Vec2Processor,
+    set_seed,
 )
 
 from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example
@@ -320,6 +321,7 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
     eval_set = CTCDataset(eval_rows, processor, lowercase=args.lowercase, chars_to_remove=args.chars_to_ignore_regex)
     if len(train_set) == 0:
         raise ValueError(f"no usable training examples ({len(train_set.skipped)} skipped)")
+    set_seed(training_args.seed)  # before the new lm_head is initialised, as transformers' example scripts do
     model = load_ctc_model(args.model_name_or_path, processor, args.mask_time_prob, args.mask_time_length,
                            args.mask_feature_prob, args.mask_feature_length, args.layerdrop, args.trust_remote_code)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,

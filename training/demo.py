@@ -31,6 +31,6 @@ if __name__ == "__main__":
     metrics = json.loads([l for l in out.splitlines() if l.startswith("METRICS ")][-1][8:])
     print(f"fine-tuned on 3 FSDD speakers; unseen speaker fsdd_yweweler: WER {100 * metrics['wer']:.1f}% "
           f"CER {100 * metrics['cer']:.1f}% over {metrics['num_utterances']} utterances")
-    clips = [f"data/demo/audio/fsdd/yweweler/{d}_yweweler_{i}.flac" for d, i in ((3, 0), (7, 1), (9, 2))]
+    clips = [f"data/demo/audio/fsdd/yweweler/{d}_yweweler_{i}.flac" for d, i in ((3, 0), (7, 1), (9, 10))]
     print(run([py, "training/transcribe.py", OUT / "demo-finetune/final", *clips]).strip())
     print(f"\nmodel card: {OUT / 'demo-finetune/final/README.md'}; loss plot: {OUT / 'demo-pretrain/loss.png'}")
