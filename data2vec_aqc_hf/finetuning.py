@@ -233,8 +233,10 @@ def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: in
     return out
 
 
-def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = None, seed: int = 0) -> dict:
-    """WER/CER overall and per speaker; with `snr_db`, white noise is added at that SNR first."""
+def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = None, seed: int = 0,
+                  transcribe=None) -> dict:
+    """WER/CER overall and per speaker; with `snr_db`, white noise is added at that SNR first. `transcribe` maps a
+    list of 16 kHz arrays to texts (default: greedy CTC; e.g. an `lm.LMTranscriber` for KenLM decoding)."""
     from .augment import mix_at_snr
 
     arrays = [e["input_values"] for e in dataset.examples]
@@ -246,7 +248,7 @@ def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = 
             noise = torch.randn(x.shape, generator=g)
             noisy.append(mix_at_snr(x, noise, torch.ones_like(x), torch.tensor([float(snr_db)]))[0].numpy())
         arrays = noisy
-    predictions = transcribe_arrays(model, processor, arrays)
+    predictions = transcribe(arrays) if transcribe else transcribe_arrays(model, processor, arrays)
     references = [e["text"] for e in dataset.examples]
     by_speaker = defaultdict(lambda: ([], []))
     for e, p in zip(dataset.examples, predictions):

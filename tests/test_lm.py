@@ -115,3 +115,38 @@ def test_transcribe_cli_with_lm(random_ctc_dir, tmp_path):
                               str(clips[0]), "--lm", str(tmp_path / "nope.arpa")],
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert missing.returncode != 0 and "nope.arpa: language model file not found" in missing.stderr
+
+
+@needs_lm
+def test_evaluate_script_with_lm_equals_in_process_lm_scoring(random_ctc_dir, tmp_path):
+    """`training/evaluate_asr.py --lm` scores exactly what `evaluate_rows` with an `LMTranscriber` gives, and the
+    LM changes the transcripts relative to greedy decoding of the same model."""
+    import json
+
+    from transformers import AutoModelForCTC, AutoProcessor
+
+    from data2vec_aqc_hf.finetuning import CTCDataset, evaluate_rows, read_manifest
+    from data2vec_aqc_hf.lm import LMTranscriber
+
+    lm = write_bigram_arpa(["ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE"],
+                           tmp_path / "digits.arpa")
+    model, processor = AutoModelForCTC.from_pretrained(random_ctc_dir), AutoProcessor.from_pretrained(random_ctc_dir)
+    rows = [r for r in read_manifest(DEMO / "metadata.csv") if r["speaker_id"] == "fsdd_lucas"][:10]
+    dataset = CTCDataset(rows, processor)
+    asr = LMTranscriber(model, processor, lm)
+    with_lm = evaluate_rows(model, processor, dataset,
+                            transcribe=lambda arrays: [asr({"raw": a, "sampling_rate": 16000})["text"] for a in arrays])
+    greedy = evaluate_rows(model, processor, dataset)
+    assert [e["prediction"] for e in with_lm["examples"]] != [e["prediction"] for e in greedy["examples"]]
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file_name,text,speaker_id\n" + "".join(
+        f"{r['audio']},{r['text']},{r['speaker_id']}\n" for r in rows))
+    out = tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, str(ROOT / "training/evaluate_asr.py"), str(random_ctc_dir), str(manifest),
+                             "--lm", str(lm), "--output", str(out)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.loads(out.read_text())
+    assert scored["wer"] == pytest.approx(with_lm["wer"]) and scored["cer"] == pytest.approx(with_lm["cer"])
+    assert scored["decoding"].startswith("KenLM")
