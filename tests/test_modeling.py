@@ -79,6 +79,28 @@ def test_loss_is_pure_function_when_all_randomness_given(speech_batch):
     assert torch.equal(c.loss, d.loss)
 
 
+def test_bf16_autocast_step_matches_fp32_and_keeps_fp32_weights(speech_batch):
+    """Mixed precision as accelerate runs it (autocast around the forward; here on CPU, the same autocast API as CUDA):
+    same inputs give every loss term within a few percent of fp32, gradients are finite fp32, and the teacher's EMA
+    weights stay fp32 after `update_teacher()`."""
+    x, mask = speech_batch
+    model = Data2VecAQCForPreTraining(tiny_config()).train()
+    fixed = _fixed_inputs(model, x, mask)
+    reference = model(x, mask, deterministic_quantizer=True, **fixed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, mask, deterministic_quantizer=True, **fixed)
+    terms = ["loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss", "diversity_loss"]
+    for name in terms:
+        low, full = getattr(out, name), getattr(reference, name)
+        assert low.dtype == torch.float32 and torch.isfinite(low), name  # losses are reduced in fp32
+        assert abs(low.item() - full.item()) <= 0.02 * abs(full.item()) + 1e-3, (name, low.item(), full.item())
+    out.loss.backward()
+    grads = [p.grad for p in model.student_parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    model.update_teacher()
+    assert all(p.dtype == torch.float32 for p in model.teacher.parameters())
+
+
 def test_clean_teacher_view_is_untouched_by_augmentation(speech_batch):
     x, mask = speech_batch
     model = Data2VecAQCForPreTraining(tiny_config()).eval()

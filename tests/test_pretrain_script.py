@@ -70,7 +70,7 @@ def test_two_ranks_pretrain_falling_loss_checkpoint_and_exact_resume(tmp_path):
     assert isinstance(model, Data2VecAQCForPreTraining) and model.num_updates.item() == 8
 
 
-def test_epochs_stop_criterion_two_ranks_with_accumulation(tmp_path):
+def test_epochs_stop_criterion_two_ranks_with_accumulation_in_bf16(tmp_path):
     """--num_train_epochs 2: both ranks stop together (no hang) at the first update where every rank has seen its
     whole shard twice; the count is checked against batches actually yielded by each rank's stream."""
     import math
@@ -93,9 +93,11 @@ def test_epochs_stop_criterion_two_ranks_with_accumulation(tmp_path):
     expected = math.ceil(max(batches) / 2)
     summary, res = _launch(COMMON + ["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--save_steps", "100",
                                      "--gradient_accumulation_steps", "2", "--min_duration_in_seconds", "3.5",
-                                     "--max_duration_in_seconds", "4", "--max_batch_duration_in_seconds", "4"],
+                                     "--max_duration_in_seconds", "4", "--max_batch_duration_in_seconds", "4",
+                                     "--mixed_precision", "bf16"],  # and bf16 autocast under DDP
                             two_ranks=True)
     assert summary["world_size"] == 2 and summary["epochs_completed"] == 2
+    assert all(math.isfinite(v) for v in summary["final"].values())
     assert summary["steps"] == expected, (summary["steps"], batches)
     print("batches per rank", batches, "updates", expected)
     assert f"2 epoch(s) of {DEMO / 'unlabeled.csv'}: {expected} updates" in res.stdout
