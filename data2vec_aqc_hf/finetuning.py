@@ -340,6 +340,10 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
     save_as_data2vec_audio(model, final_dir)
     processor.save_pretrained(final_dir)
     (final_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    from .plots import plot_curves
+
+    plot_curves(trainer.state.log_history, [("CTC loss", ["loss", "eval_loss"]), ("error rate", ["eval_wer", "eval_cer"])],
+                final_dir / "training_curves.png", f"CTC fine-tuning of {args.model_name_or_path}")
     hours_train = sum(len(e["input_values"]) for e in train_set.examples) / TARGET_SAMPLING_RATE / 3600
     write_card(final_dir, "finetuned.md", {
         "model_name": training_args.hub_model_id or final_dir.parent.name,

@@ -233,23 +233,10 @@ def scalar_logs(out, lr: float) -> dict[str, float]:
 
 
 def plot_history(history: list[dict], path) -> None:
-    import matplotlib
+    from .plots import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in ("loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss")
-            if any(k in h for h in history)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        ax.plot([h["step"] for h in history if key in h], [h[key] for h in history if key in h], label=key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("data2vec-aqc pretraining")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_curves(history, [("loss", ["loss", "regression_loss", "student_contrastive_loss",
+                                     "teacher_contrastive_loss"])], path, "data2vec-aqc pretraining")
 
 
 def load_noise_bank(noise_dir: str, max_clips: int = 2000) -> list[torch.Tensor]:

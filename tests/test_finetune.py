@@ -183,4 +183,4 @@ def test_finetune_script_runs_as_a_script(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads([line for line in result.stdout.splitlines() if line.startswith("METRICS ")][-1][8:])
     assert metrics["wer"] >= 0.0 and metrics["num_utterances"] == 40
-    assert (tmp_path / "ft/final/README.md").exists()
+    assert (tmp_path / "ft/final/README.md").exists() and (tmp_path / "ft/final/training_curves.png").exists()

@@ -33,4 +33,5 @@ if __name__ == "__main__":
           f"CER {100 * metrics['cer']:.1f}% over {metrics['num_utterances']} utterances")
     clips = [f"data/demo/audio/fsdd/yweweler/{d}_yweweler_{i}.flac" for d, i in ((3, 0), (7, 1), (9, 10))]
     print(run([py, "training/transcribe.py", OUT / "demo-finetune/final", *clips]).strip())
-    print(f"\nmodel card: {OUT / 'demo-finetune/final/README.md'}; loss plot: {OUT / 'demo-pretrain/loss.png'}")
+    print(f"\nmodel card: {OUT / 'demo-finetune/final/README.md'}; plots: {OUT / 'demo-pretrain/loss.png'}, "
+          f"{OUT / 'demo-finetune/final/training_curves.png'}")
