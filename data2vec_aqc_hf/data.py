@@ -180,7 +180,11 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     * examples are shuffled per epoch (seed + epoch), cropped at random to `max_samples`, those shorter than
       `min_samples` are skipped (counted as too short);
     * a batch holds as many utterances as fit in `max_batch_samples` padded samples.
-    Iteration is deterministic given (seed, epoch, rank, worker), which is what makes resuming exact.
+    Iteration is deterministic given (seed, epoch, rank, worker), which is what makes resuming exact. For a list
+    source each batch also carries `"data_position"` = (worker, position in that worker's order where the next batch
+    starts), and each crop is seeded by its example, so `set_epoch(epoch, positions, rotation)` can restart mid-epoch
+    without reading the consumed audio again (`rotation` maps dataloader worker `j` to the stream's worker
+    `(j + rotation) % n`, so the dataloader's round-robin continues where it was).
 
     Each yielded dict carries `"data_stats"`, the `DataStats` of what was read since the previous one (dataloader
     workers are separate processes, so counts travel with the data); after the last batch a dict with only
@@ -195,10 +199,28 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         self.source, self.min_samples, self.max_samples = source, min_samples, max_samples
         self.max_batch_samples, self.seed, self.rank, self.world_size = max_batch_samples, seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
+        self.epoch, self.positions, self.rotation = 0, None, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, positions: list[int] | None = None, rotation: int = 0) -> None:
+        """Iterate epoch `epoch`; with `positions` (one per worker, list sources only), start each worker there."""
+        if positions is not None and not isinstance(self.source, list):
+            raise TypeError("starting at data positions needs a list source; a stream is replayed instead")
+        self.epoch, self.positions, self.rotation = epoch, positions, rotation
+
+    def restart_point(self, epoch: int, positions: list[int] | None, batches_consumed: int,
+                      num_workers: int) -> tuple[list[int], int] | None:
+        """`(positions, rotation)` to continue epoch `epoch` after `batches_consumed` batches without re-reading
+        them, or None where that would not reproduce the uninterrupted order (a stream source, a different worker
+        count, or a worker already finished: the dataloader's round-robin then skips it), so the caller replays."""
+        workers = max(1, num_workers)
+        if not isinstance(self.source, list) or positions is None or len(positions) != workers:
+            return None
+        saved, self.epoch = self.epoch, epoch
+        lengths = [len(self._local_order(w, workers)) for w in range(workers)]
+        self.epoch = saved
+        if any(p >= n for p, n in zip(positions, lengths)):
+            return None
+        return list(positions), batches_consumed % workers
 
     def _local_order(self, worker: int, num_workers: int) -> list[int]:
         """Indices into a list source that this rank and worker read this epoch, in order."""
@@ -206,16 +228,24 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         random.Random(self.seed + self.epoch).shuffle(order)
         return order[self.rank :: self.world_size][worker::num_workers]
 
-    def _examples(self, worker: int, num_workers: int) -> Iterator[dict]:
+    def _examples(self, worker: int, num_workers: int) -> Iterator[tuple[int, dict, random.Random | None]]:
+        """`(position, example, crop rng)`: list sources seed each crop by the example (position-independent, so a
+        restart mid-epoch gives the same crops); streams use one rng per worker."""
         if isinstance(self.source, list):
-            yield from (self.source[i] for i in self._local_order(worker, num_workers))
+            order = self._local_order(worker, num_workers)
+            start = self.positions[worker] if self.positions else 0
+            for position in range(start, len(order)):
+                index = order[position]
+                yield position, self.source[index], random.Random(f"{self.seed}-{self.epoch}-{index}")
         else:  # a datasets IterableDataset: datasets splits it over workers itself
             from datasets.distributed import split_dataset_by_node
 
             ds = split_dataset_by_node(self.source, rank=self.rank, world_size=self.world_size)
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             ds.set_epoch(self.epoch)
-            yield from ds
+            rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+            for position, example in enumerate(ds):
+                yield position, example, rng
 
     def _closes_batch(self, pending_longest: int, pending_count: int, new_length: int) -> bool:
         """Whether the pending utterances form a batch before one of `new_length` samples joins (padded size)."""
@@ -242,11 +272,20 @@ class PretrainingStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        physical, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (physical + self.rotation) % num_workers
+        listed = isinstance(self.source, list)
         pending: list[np.ndarray] = []
         stats = DataStats()
-        for example in self._examples(worker, num_workers):
+
+        def batch(next_position):
+            out = {**collate_audio(pending), "data_stats": stats}
+            if listed:
+                out["data_position"] = torch.tensor([worker, next_position])
+            return out
+
+        position = -1
+        for position, example, rng in self._examples(worker, num_workers):
             name = example["audio"] if isinstance(example["audio"], str) else (example["audio"] or {}).get("path")
             try:
                 audio = load_audio_example(example, "audio", channel=example.get("channel"))
@@ -262,11 +301,11 @@ class PretrainingStream(torch.utils.data.IterableDataset):
                 stats.cropped += 1
             crop = normalize(random_crop(audio, self.max_samples, rng))
             if self._closes_batch(max((len(w) for w in pending), default=0), len(pending), len(crop)):
-                yield {**collate_audio(pending), "data_stats": stats}
+                yield batch(position)  # the next batch starts with this example
                 pending, stats = [], DataStats()
             pending.append(crop)
         if pending:
-            yield {**collate_audio(pending), "data_stats": stats}
+            yield batch(position + 1)
         elif stats:
             yield {"data_stats": stats}
 

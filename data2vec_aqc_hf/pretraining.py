@@ -115,19 +115,26 @@ class PretrainingArguments:
 class TrainingState:
     """Step counter, data position and the step's random generator; saved in every checkpoint."""
 
-    def __init__(self, seed: int, device):
+    def __init__(self, seed: int, device, num_workers: int = 0):
         self.step, self.epoch, self.batches_in_epoch, self.samples_seen = 0, 0, 0, 0
+        self.positions = [0] * max(1, num_workers)  # per dataloader worker: where its next batch starts
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     def state_dict(self):
         return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "samples_seen": self.samples_seen, "generator": self.generator.get_state()}
+                "samples_seen": self.samples_seen, "positions": list(self.positions),
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batches_in_epoch, self.samples_seen = int(state["batches_in_epoch"]), int(state["samples_seen"])
         self.generator.set_state(state["generator"])
+        self.positions = [int(p) for p in state.get("positions", [])] or None  # None: replay to resume
+
+    def next_epoch(self):
+        self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+        self.positions = [0] * len(self.positions or [0])
 
 
 def build_config(args: PretrainingArguments) -> Data2VecAQCConfig:
@@ -334,7 +341,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     # times per update), and checkpointed as a registered object
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    state = TrainingState(args.seed + accelerator.process_index, accelerator.device)
+    state = TrainingState(args.seed + accelerator.process_index, accelerator.device, args.dataloader_num_workers)
     accelerator.register_for_checkpointing(scheduler)  # `state` is per rank: saved by save_checkpoint
 
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -361,12 +368,24 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     # ran out first keeps training on its next epoch's batches meanwhile, so DDP's collectives stay matched)
     epochs_done = epochs is not None and epochs.all_done(state.epoch >= args.num_train_epochs)  # resumed at the end
     while state.step < stop_at and not epochs_done:
-        stream.set_epoch(state.epoch)
+        # resuming mid-epoch: start each worker at its saved position (nothing re-read) where that reproduces the
+        # uninterrupted order exactly, else replay the consumed batches (read again, not trained on)
+        restart = (stream.restart_point(state.epoch, state.positions, state.batches_in_epoch,
+                                        args.dataloader_num_workers) if state.batches_in_epoch else None)
+        stream.set_epoch(state.epoch, *(restart or ()))
+        if restart:
+            accelerator.print(f"continuing epoch {state.epoch} at batch {state.batches_in_epoch} from data positions "
+                              f"{restart[0]} (nothing re-read)")
         loader = torch.utils.data.DataLoader(stream, **loader_kwargs)
-        batches_this_epoch = 0
+        batches_this_epoch = state.batches_in_epoch if restart else 0
+        if state.positions is None:
+            state.positions = [0] * max(1, args.dataloader_num_workers)
         for batch, last_of_epoch in with_last(iterate_batches(loader, stats)):
+            position = batch.pop("data_position", None)
+            if position is not None:
+                state.positions[int(position[0])] = int(position[1])
             batches_this_epoch += 1
-            if batches_this_epoch <= state.batches_in_epoch:  # resuming: replay the data position exactly
+            if batches_this_epoch <= state.batches_in_epoch:  # replaying to the saved data position
                 continue
             batch_samples = int(batch["attention_mask"].sum())
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -388,7 +407,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             progress.update(1)
             epochs_done = epochs is not None and epochs.all_done(state.epoch + last_of_epoch >= args.num_train_epochs)
             if epochs_done and last_of_epoch:  # this rank's last epoch ended with this batch
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                state.next_epoch()
             if state.step % args.logging_steps == 0 or state.step == stop_at or epochs_done:
                 last_logs = scalar_logs(out, scheduler.get_last_lr()[0])
                 last_logs["hours_seen"] = hours(state.samples_seen)
@@ -412,8 +431,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         else:  # the epoch ended
             if state.epoch == 0 or batches_this_epoch == 0:
                 check_usable(stats, description)
-            state.epoch += 1
-            state.batches_in_epoch = 0
+            state.next_epoch()
             continue
         break
     progress.close()

@@ -116,6 +116,40 @@ def test_batches_per_epoch_predicts_the_stream_without_decoding():
     assert len(counts) > 1 and min(counts) > 5  # a real test: several batches, counts differ between shards
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restart_at_data_position_gives_the_remaining_batches_exactly(workers):
+    """Stopping after k batches and restarting from the saved per-worker positions (with the worker rotation) yields
+    exactly the batches the uninterrupted epoch would have yielded next: same audio, same crops, same order."""
+    items = local_items(DEMO / "metadata.csv")
+    make = lambda: _stream(items, rank=1, world_size=2, min_samples=4800, max_samples=12000,  # noqa: E731
+                           max_batch_samples=40000)
+    stream = make()
+    stream.set_epoch(3)
+    logging.disable(logging.WARNING)
+    try:
+        full = _batches(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
+        n = max(1, workers)
+        for k in (3, 4):  # both rotations with two workers
+            positions = [0] * n
+            for b in full[:k]:
+                worker, position = b["data_position"].tolist()
+                positions[worker] = position
+            restarted = make()
+            restart = restarted.restart_point(3, positions, k, workers)
+            assert restart is not None and restart[1] == k % n
+            restarted.set_epoch(3, *restart)
+            rest = _batches(torch.utils.data.DataLoader(restarted, batch_size=None, num_workers=workers))
+            assert len(rest) == len(full) - k and len(full) > 6
+            for a, b in zip(full[k:], rest):
+                assert torch.equal(a["input_values"], b["input_values"]) and torch.equal(a["data_position"],
+                                                                                         b["data_position"])
+    finally:
+        logging.disable(logging.NOTSET)
+    # a finished worker, another worker count, or a stream source: replay instead
+    assert make().restart_point(3, [10**6] * n, 5, workers) is None
+    assert make().restart_point(3, [0] * (n + 1), 5, workers) is None
+
+
 def test_bad_files_are_skipped_with_warning_and_counted(tmp_path, caplog):
     shutil.copy(demo_unlabeled_paths()[0], tmp_path / "good.flac")
     (tmp_path / "broken.wav").write_bytes(b"garbage")

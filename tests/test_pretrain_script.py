@@ -70,6 +70,22 @@ def test_two_ranks_pretrain_falling_loss_checkpoint_and_exact_resume(tmp_path):
     assert isinstance(model, Data2VecAQCForPreTraining) and model.num_updates.item() == 8
 
 
+def test_resume_mid_epoch_with_workers_reads_nothing_twice_and_is_exact(tmp_path):
+    """Two ranks x two dataloader workers, stopped at an odd step in the middle of an epoch: the resumed run starts
+    each worker at its saved position (rotated round-robin) and ends with the same parameters as one run."""
+    data = ["--train_data", str(DEMO / "metadata.csv"), "--min_duration_in_seconds", "0.3",
+            "--max_duration_in_seconds", "0.75", "--max_batch_duration_in_seconds", "2.5",
+            "--dataloader_num_workers", "2", "--max_steps", "8", "--save_steps", "100", "--report_to", "none"]
+    _launch(COMMON + data + ["--output_dir", str(tmp_path / "full")], two_ranks=True)
+    _launch(COMMON + data + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "5"], two_ranks=True)
+    resumed, res = _launch(COMMON + data + ["--output_dir", str(tmp_path / "split"),
+                                            "--resume_from_checkpoint", "latest"], two_ranks=True)
+    assert "continuing epoch 0 at batch 5 from data positions" in res.stdout and "nothing re-read" in res.stdout
+    a, b = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "split/model.safetensors")
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+
+
 def test_epochs_stop_criterion_two_ranks_with_accumulation_in_bf16(tmp_path):
     """--num_train_epochs 2: both ranks stop together (no hang) at the first update where every rank has seen its
     whole shard twice; the count is checked against batches actually yielded by each rank's stream."""
