@@ -207,7 +207,7 @@ def make_compute_metrics(processor):
 
 
 def load_ctc_model(checkpoint: str, processor, mask_time_prob=0.5, mask_time_length=10, mask_feature_prob=0.25,
-                   mask_feature_length=64, layerdrop=0.05, trust_remote_code=False):
+                   mask_feature_length=64, layerdrop=0.05, trust_remote_code=False, freeze_feature_encoder=True):
     """`AutoModelForCTC.from_pretrained(checkpoint, vocab_size=...)` with the fine-tuning recipe of spec 7."""
     model = AutoModelForCTC.from_pretrained(
         checkpoint, vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
@@ -215,7 +215,8 @@ def load_ctc_model(checkpoint: str, processor, mask_time_prob=0.5, mask_time_len
         mask_time_length=mask_time_length, mask_feature_prob=mask_feature_prob,
         mask_feature_length=mask_feature_length, layerdrop=layerdrop, trust_remote_code=trust_remote_code,
     )
-    model.freeze_feature_encoder()
+    if freeze_feature_encoder:
+        model.freeze_feature_encoder()
     return model
 
 
@@ -283,6 +284,8 @@ class FinetuneArguments:
     lowercase: bool = False
     chars_to_ignore_regex: str = DEFAULT_CHARS_TO_REMOVE
     freeze_transformer_steps: int = field(default=0, metadata={"help": "Keep the transformer frozen this long."})
+    freeze_feature_encoder: bool = field(default=True, metadata={"help": "Keep the CNN feature encoder frozen (the "
+                                                                         "paper's recipe; as run_speech_recognition_ctc)."})
     mask_time_prob: float = 0.5
     mask_time_length: int = 10
     mask_feature_prob: float = 0.25
@@ -325,7 +328,8 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
         raise ValueError(f"no usable training examples ({len(train_set.skipped)} skipped)")
     set_seed(training_args.seed)  # before the new lm_head is initialised, as transformers' example scripts do
     model = load_ctc_model(args.model_name_or_path, processor, args.mask_time_prob, args.mask_time_length,
-                           args.mask_feature_prob, args.mask_feature_length, args.layerdrop, args.trust_remote_code)
+                           args.mask_feature_prob, args.mask_feature_length, args.layerdrop, args.trust_remote_code,
+                           args.freeze_feature_encoder)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=CTCCollator(processor), compute_metrics=make_compute_metrics(processor),
                       processing_class=processor.feature_extractor,
@@ -358,6 +362,7 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
         "learning_rate": training_args.learning_rate, "max_steps": trainer.state.global_step,
         "batch_size": training_args.per_device_train_batch_size,
         "freeze_steps": args.freeze_transformer_steps,
+        "cnn": "frozen" if args.freeze_feature_encoder else "trained",
         "repo_id": training_args.hub_model_id or str(final_dir),
     })
     if training_args.push_to_hub:
