@@ -215,18 +215,20 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         workers = max(1, num_workers)
         if not isinstance(self.source, list) or positions is None or len(positions) != workers:
             return None
-        saved, self.epoch = self.epoch, epoch
-        lengths = [len(self._local_order(w, workers)) for w in range(workers)]
-        self.epoch = saved
+        lengths = [len(self._local_order(w, workers, epoch)) for w in range(workers)]
         if any(p >= n for p, n in zip(positions, lengths)):
             return None
         return list(positions), batches_consumed % workers
 
-    def _local_order(self, worker: int, num_workers: int) -> list[int]:
-        """Indices into a list source that this rank and worker read this epoch, in order."""
+    def _local_order(self, worker: int, num_workers: int, epoch: int | None = None,
+                     rank: int | None = None) -> list[int]:
+        """Indices into a list source that a rank (default: this one) and worker read in an epoch (default: the
+        current one), in order."""
+        epoch = self.epoch if epoch is None else epoch
+        rank = self.rank if rank is None else rank
         order = list(range(len(self.source)))
-        random.Random(self.seed + self.epoch).shuffle(order)
-        return order[self.rank :: self.world_size][worker::num_workers]
+        random.Random(self.seed + epoch).shuffle(order)
+        return order[rank :: self.world_size][worker::num_workers]
 
     def _examples(self, worker: int, num_workers: int) -> Iterator[tuple[int, dict, random.Random | None]]:
         """`(position, example, crop rng)`: list sources seed each crop by the example (position-independent, so a
@@ -251,8 +253,10 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         """Whether the pending utterances form a batch before one of `new_length` samples joins (padded size)."""
         return pending_count > 0 and max(pending_longest, new_length) * (pending_count + 1) > self.max_batch_samples
 
-    def batches_per_epoch(self, lengths: list[int], num_workers: int = 0) -> int:
-        """How many batches this rank yields this epoch from a list source whose 16 kHz lengths are `lengths`
+    def batches_per_epoch(self, lengths: list[int], num_workers: int = 0, epoch: int | None = None,
+                          rank: int | None = None) -> int:
+        """How many batches a rank (default: this one) yields in an epoch (default: the current one) from a list
+        source whose 16 kHz lengths are `lengths`
         (e.g. from `header_lengths`): the same order, minimum length and batching rule as `__iter__`, computed
         without decoding. Files whose content turns out unusable (silent, NaN) make the real count smaller."""
         if not isinstance(self.source, list):
@@ -260,7 +264,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         total = 0
         for worker in range(max(1, num_workers)):
             longest = count = 0
-            for i in self._local_order(worker, max(1, num_workers)):
+            for i in self._local_order(worker, max(1, num_workers), epoch, rank):
                 if lengths[i] < max(self.min_samples, 1):
                     continue
                 crop = min(lengths[i], self.max_samples)

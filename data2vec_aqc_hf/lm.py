@@ -160,6 +160,10 @@ class LMTranscriber:
         log_probs = torch.log_softmax(torch.from_numpy(logits), dim=-1).numpy()
         return {"text": self.decoder.decode(log_probs, beam_width=self.beam_width).strip()}
 
+    def transcribe_arrays(self, arrays: list[np.ndarray]) -> list[str]:
+        """Texts of 16 kHz arrays, one by one (the `transcribe` argument of `finetuning.evaluate_rows`)."""
+        return [self({"raw": a, "sampling_rate": TARGET_SAMPLING_RATE})["text"] for a in arrays]
+
 
 def main(argv=None) -> None:
     from .finetuning import normalize_text

@@ -264,13 +264,8 @@ def epochs_schedule_steps(stream: PretrainingStream, epochs: int, world_size: in
     """Optimizer updates in `epochs` passes over a local source: the batches of the rank with the most over all
     epochs (the others wait for it, training on their next epoch's first batches), over the accumulation steps."""
     lengths = header_lengths(stream.source)
-    saved = (stream.rank, stream.epoch)
-    per_rank = [0] * world_size
-    for rank in range(world_size):
-        for epoch in range(epochs):
-            stream.rank, stream.epoch = rank, epoch
-            per_rank[rank] += stream.batches_per_epoch(lengths, num_workers)
-    stream.rank, stream.epoch = saved
+    per_rank = [sum(stream.batches_per_epoch(lengths, num_workers, epoch, rank) for epoch in range(epochs))
+                for rank in range(world_size)]
     return max(1, math.ceil(max(per_rank) / accumulation))
 
 

@@ -134,8 +134,7 @@ def test_evaluate_script_with_lm_equals_in_process_lm_scoring(random_ctc_dir, tm
     rows = [r for r in read_manifest(DEMO / "metadata.csv") if r["speaker_id"] == "fsdd_lucas"][:10]
     dataset = CTCDataset(rows, processor)
     asr = LMTranscriber(model, processor, lm)
-    with_lm = evaluate_rows(model, processor, dataset,
-                            transcribe=lambda arrays: [asr({"raw": a, "sampling_rate": 16000})["text"] for a in arrays])
+    with_lm = evaluate_rows(model, processor, dataset, transcribe=asr.transcribe_arrays)
     greedy = evaluate_rows(model, processor, dataset)
     assert [e["prediction"] for e in with_lm["examples"]] != [e["prediction"] for e in greedy["examples"]]
 

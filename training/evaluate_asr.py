@@ -35,8 +35,7 @@ if __name__ == "__main__":
     if args.lm:
         from data2vec_aqc_hf.lm import LMTranscriber
 
-        asr = LMTranscriber(model, processor, args.lm, args.lm_alpha, args.lm_beta)
-        transcribe = lambda arrays: [asr({"raw": a, "sampling_rate": 16000})["text"] for a in arrays]  # noqa: E731
+        transcribe = LMTranscriber(model, processor, args.lm, args.lm_alpha, args.lm_beta).transcribe_arrays
     result = evaluate_rows(model, processor, CTCDataset(rows, processor), args.snr_db, transcribe=transcribe)
     result["decoding"] = f"KenLM beam search ({args.lm})" if args.lm else "greedy CTC"
     text = json.dumps(result, indent=2)
