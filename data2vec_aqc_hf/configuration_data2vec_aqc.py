@@ -14,6 +14,7 @@ from transformers import Data2VecAudioConfig
 __all__ = ["Data2VecAQCConfig", "AQC_OBJECTIVES"]
 
 AQC_OBJECTIVES = ("aqc", "data2vec")
+PAPER_UPDATES = 400_000  # the run length the paper's schedule defaults are sized for
 
 # Fields that exist only for the self-supervised objective; dropped when exporting a stock data2vec-audio config.
 AQC_ONLY_FIELDS = (
@@ -38,6 +39,7 @@ AQC_ONLY_FIELDS = (
     "max_gumbel_temperature",
     "min_gumbel_temperature",
     "gumbel_temperature_decay",
+    "quantizer_init_std",
     "contrastive_logits_temperature",
     "num_negatives",
     "student_contrastive_weight",
@@ -92,6 +94,14 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
         proj_codevector_dim (`int`, 256): output size of `project_q` and `contr_proj`.
         max_gumbel_temperature (`float`, 2.0), min_gumbel_temperature (`float`, 0.5),
         gumbel_temperature_decay (`float`, 0.999995): temperature = max(max * decay**updates, min).
+        quantizer_init_std (`float`, optional): **(choice)** std of the normal init of the quantizer's logit
+            projection; `None` (default) means 1/sqrt(conv_dim[-1]), i.e. unit-variance logits on the layer-normed
+            CNN features. fairseq and transformers use 1.0, which gives logits of std sqrt(conv_dim[-1]) (16-23): a
+            saturated softmax. Measured on the `small` preset (300-update runs, docs/RESULTS.md): with 1.0 every
+            codebook group collapsed to a single entry within 20 updates (perplexity 1.0, both contrastive losses
+            exactly 0 because every negative equals its positive), with warm-up 3 % or 10 %, lr 1e-3 or 5e-4,
+            diversity weight 0.1 or 1.0; with the default, perplexity 56/64 per group after 60 updates. Set 1.0 for
+            the reference initialisation (a loaded checkpoint is unaffected).
 
     Cross-contrastive losses and clustering (spec 5):
         contrastive_logits_temperature (`float`, 0.1): kappa, logits are cosine / kappa.
@@ -105,6 +115,14 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
 
     Audio:
         sampling_rate (`int`, 16000): the rate the model expects; the augmenter's reverb times use it.
+
+    Run length: the schedule defaults above are sized for the paper's 400 k-update run (EMA anneals over its first
+    7.5 %, the teacher then averages over ~10 k updates = 2.5 % of the run, the Gumbel temperature reaches its
+    minimum after 69 %). A 2 k-update run with those values leaves the teacher at ~20 % of the way from its random
+    start and the temperature near 2. `config.scale_schedules_to(total_updates)` rescales `ema_anneal_steps`,
+    `ema_decay_start`, `ema_decay_end` and `gumbel_temperature_decay` so that each covers the same *fraction* of
+    a run of `total_updates` (the identity at 400 k); `training/pretrain.py` does this by default
+    (`--scale_schedules_to_run`), and the saved config holds the values used.
 
     Example:
     ```python
@@ -145,6 +163,7 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
     max_gumbel_temperature: float = 2.0
     min_gumbel_temperature: float = 0.5
     gumbel_temperature_decay: float = 0.999995
+    quantizer_init_std: float | None = None
     # contrastive + clustering
     contrastive_logits_temperature: float = 0.1
     num_negatives: int = 100
@@ -176,13 +195,29 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
 
+    def scale_schedules_to(self, total_updates: int, reference_updates: int = PAPER_UPDATES) -> None:
+        """Rescale the EMA and Gumbel-temperature schedules, in place, from a run of `reference_updates` (the
+        paper's 400 k) to one of `total_updates`, keeping each schedule's shape as a fraction of the run:
+        `ema_anneal_steps` in proportion, `1 - ema_decay_start/end` (the inverse of the teacher's averaging
+        horizon in updates) inversely, `gumbel_temperature_decay` as `decay ** (reference / total)`. Decays are
+        capped to [0, 1); the identity when `total_updates == reference_updates`."""
+        if total_updates < 1:
+            raise ValueError(f"total_updates must be >= 1, got {total_updates}")
+        ratio = reference_updates / total_updates
+        self.ema_anneal_steps = max(1, round(self.ema_anneal_steps / ratio)) if self.ema_anneal_steps > 0 else 0
+        self.ema_decay_start = max(0.0, 1.0 - (1.0 - self.ema_decay_start) * ratio)
+        self.ema_decay_end = max(0.0, 1.0 - (1.0 - self.ema_decay_end) * ratio)
+        self.gumbel_temperature_decay = self.gumbel_temperature_decay ** ratio
+
     @property
     def use_aqc(self) -> bool:
         return self.objective == "aqc"
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "Data2VecAQCConfig":
-        """`"base"`: the paper's 95M model. `"tiny"`: a few-hundred-thousand-parameter model for CPUs and tests."""
+        """`"base"`: the paper's 95M model. `"small"`: 4.3 M parameters, what learns speech in minutes on 2 CPU cores
+        (the learning experiment and the README demo). `"tiny"`: 0.2 M parameters, for unit tests only (too small
+        to fit even its training speakers)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -197,6 +232,31 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
 
 PRESETS: dict[str, dict] = {
     "base": {},
+    # CPU scale (docs/RESULTS.md): 4 post-LN layers of 256, a 7-layer CNN with the base strides (20 ms frames, 400
+    # sample receptive field) whose early, high-rate layers are narrow (they dominate the cost); no dropout (it
+    # kept a model this size on the all-blank CTC plateau); 5-frame mask spans with at least one span, because
+    # clips of short words are 10-50 frames (10-frame spans with two forced would mask most of a spoken digit).
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        conv_dim=(32, 64, 128, 128, 256, 256, 256),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=16,
+        num_target_layers=3,
+        mask_time_length=5,
+        mask_time_min_masks=1,
+        num_codevectors_per_group=64,
+        codevector_dim=128,
+        proj_codevector_dim=128,
+        num_negatives=20,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+    ),
     "tiny": dict(
         hidden_size=64,
         num_hidden_layers=2,

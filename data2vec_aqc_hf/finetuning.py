@@ -147,6 +147,12 @@ class CTCDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.examples[i]
 
+    def subset(self, keep) -> "CTCDataset":
+        """A dataset of the examples for which `keep(example)` is true, sharing the loaded audio."""
+        new = object.__new__(CTCDataset)
+        new.examples, new.skipped = [e for e in self.examples if keep(e)], []
+        return new
+
 
 @dataclass
 class CTCCollator:
@@ -206,18 +212,63 @@ def make_compute_metrics(processor):
     return compute_metrics
 
 
-def load_ctc_model(checkpoint: str, processor, mask_time_prob=0.5, mask_time_length=10, mask_feature_prob=0.25,
-                   mask_feature_length=64, layerdrop=0.05, trust_remote_code=False, freeze_feature_encoder=True):
-    """`AutoModelForCTC.from_pretrained(checkpoint, vocab_size=...)` with the fine-tuning recipe of spec 7."""
-    model = AutoModelForCTC.from_pretrained(
-        checkpoint, vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
-        ctc_zero_infinity=True, ctc_loss_reduction="mean", mask_time_prob=mask_time_prob,
-        mask_time_length=mask_time_length, mask_feature_prob=mask_feature_prob,
-        mask_feature_length=mask_feature_length, layerdrop=layerdrop, trust_remote_code=trust_remote_code,
-    )
-    if freeze_feature_encoder:
+def load_ctc_model(checkpoint: str | None, processor, mask_time_prob=0.5, mask_time_length=10,
+                   mask_feature_prob=0.25, mask_feature_length=64, layerdrop=0.05, trust_remote_code=False,
+                   freeze_feature_encoder: bool | str = "auto", mask_time_min_masks: int = 0,
+                   model_preset: str | None = None, **config_overrides):
+    """A CTC model with the fine-tuning recipe of spec 7 and a new `lm_head` sized to the processor's vocabulary:
+    `AutoModelForCTC.from_pretrained(checkpoint)`, or a randomly initialised `Data2VecAQCForCTC` from
+    `model_preset` when `checkpoint` is None (the from-scratch baseline).
+
+    `freeze_feature_encoder="auto"` freezes the CNN only when its weights were loaded pretrained: a CNN that starts
+    random must be trained (frozen, it stays a random projection). `mask_time_min_masks=0` (transformers'
+    default is 2): with 10-frame spans, two forced spans hide 50-80 % of a 0.5 s clip whatever `mask_time_prob` says.
+    """
+    overrides = dict(vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
+                     ctc_zero_infinity=True, ctc_loss_reduction="mean", mask_time_prob=mask_time_prob,
+                     mask_time_length=mask_time_length, mask_time_min_masks=mask_time_min_masks,
+                     mask_feature_prob=mask_feature_prob, mask_feature_length=mask_feature_length,
+                     layerdrop=layerdrop, **config_overrides)
+    if checkpoint is None:
+        if model_preset is None:
+            raise ValueError("give a checkpoint (model_name_or_path) or a model_preset to start from scratch")
+        from .configuration_data2vec_aqc import Data2VecAQCConfig
+        from .modeling_data2vec_aqc import Data2VecAQCForCTC
+
+        model, cnn_pretrained = Data2VecAQCForCTC(Data2VecAQCConfig.from_preset(model_preset, **overrides)), False
+    else:
+        model, info = AutoModelForCTC.from_pretrained(checkpoint, trust_remote_code=trust_remote_code,
+                                                      output_loading_info=True, **overrides)
+        cnn_pretrained = not any("feature_extractor" in key for key in info["missing_keys"])
+    freeze = parse_freeze(freeze_feature_encoder)
+    if freeze is True or (freeze == "auto" and cnn_pretrained):
         model.freeze_feature_encoder()
     return model
+
+
+def parse_freeze(value: bool | str) -> bool | str:
+    """`True`/`False`/`"auto"` from a bool or a flag string."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("auto", "true", "false", "1", "0", "yes", "no"):
+        return "auto" if lowered == "auto" else lowered in ("true", "1", "yes")
+    raise ValueError(f"freeze_feature_encoder must be true, false or auto, got {value!r}")
+
+
+def masked_time_fraction(config, frame_counts: list[int], seed: int = 0) -> float:
+    """The fraction of frames that time masking really hides on utterances of these frame counts (spans overlap,
+    short clips get `mask_time_min_masks` spans whatever the probability): what to check against
+    `mask_time_prob` before training on short clips."""
+    from .masking import compute_span_mask
+
+    counts = torch.as_tensor([c for c in frame_counts if c >= config.mask_time_length], dtype=torch.long)
+    if config.mask_time_prob <= 0 or len(counts) == 0:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    mask = compute_span_mask((len(counts), int(counts.max())), config.mask_time_prob, config.mask_time_length,
+                             counts, config.mask_time_min_masks, g)
+    return float(mask.sum() / counts.sum())
 
 
 def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: int = 8) -> list[str]:
@@ -234,21 +285,52 @@ def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: in
     return out
 
 
-def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = None, seed: int = 0,
-                  transcribe=None) -> dict:
-    """WER/CER overall and per speaker; with `snr_db`, white noise is added at that SNR first. `transcribe` maps a
-    list of 16 kHz arrays to texts (default: greedy CTC; e.g. an `lm.LMTranscriber` for KenLM decoding)."""
+def babble_noise(length: int, bank: list[np.ndarray], talkers: int = 4, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """Babble: the sum of `talkers` random segments of `length` samples from different clips of `bank` (16 kHz
+    speech of other speakers), each scaled to unit power first (clips shorter than `length` repeat)."""
+    if len(bank) < talkers:
+        raise ValueError(f"babble needs at least {talkers} clips in the bank, got {len(bank)}")
+    picks = torch.randperm(len(bank), generator=generator)[:talkers].tolist()
+    total = torch.zeros(length)
+    for k in picks:
+        clip = torch.from_numpy(np.asarray(bank[k], dtype=np.float32))
+        if len(clip) < length:
+            clip = clip.repeat(length // len(clip) + 1)
+        start = int(torch.randint(0, len(clip) - length + 1, (1,), generator=generator))
+        segment = clip[start : start + length]
+        total += segment / segment.square().mean().clamp(min=1e-10).sqrt()
+    return total
+
+
+def add_noise(arrays: list[np.ndarray], kind: str, snr_db: float, seed: int = 0,
+              babble_bank: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Each array mixed with `kind` noise (`"white"` Gaussian or `"babble"` from `babble_bank`) at the true SNR
+    `snr_db` over the whole clip; seeded, so every model is tested on the same noisy audio."""
     from .augment import mix_at_snr
 
+    if kind not in ("white", "babble"):
+        raise ValueError(f"noise kind must be 'white' or 'babble', got {kind!r}")
+    if kind == "babble" and not babble_bank:
+        raise ValueError("babble noise needs a babble_bank of speech clips")
+    g = torch.Generator().manual_seed(seed)
+    noisy = []
+    for a in arrays:
+        x = torch.from_numpy(np.asarray(a, dtype=np.float32))[None]
+        noise = torch.randn(x.shape, generator=g) if kind == "white" else babble_noise(x.shape[1], babble_bank,
+                                                                                        generator=g)[None]
+        noisy.append(mix_at_snr(x, noise, torch.ones_like(x), torch.tensor([float(snr_db)]))[0].numpy())
+    return noisy
+
+
+def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = None, seed: int = 0,
+                  transcribe=None, noise: str = "white", babble_bank: list[np.ndarray] | None = None) -> dict:
+    """WER/CER overall and per speaker; with `snr_db`, `noise` (white, or babble from `babble_bank`) is added at
+    that SNR first. `transcribe` maps a list of 16 kHz arrays to texts (default: greedy CTC; e.g. an
+    `lm.LMTranscriber` for KenLM decoding)."""
     arrays = [e["input_values"] for e in dataset.examples]
     if snr_db is not None:
-        g = torch.Generator().manual_seed(seed)
-        noisy = []
-        for a in arrays:
-            x = torch.from_numpy(a)[None]
-            noise = torch.randn(x.shape, generator=g)
-            noisy.append(mix_at_snr(x, noise, torch.ones_like(x), torch.tensor([float(snr_db)]))[0].numpy())
-        arrays = noisy
+        arrays = add_noise(arrays, noise, snr_db, seed, babble_bank)
     predictions = transcribe(arrays) if transcribe else transcribe_arrays(model, processor, arrays)
     references = [e["text"] for e in dataset.examples]
     by_speaker = defaultdict(lambda: ([], []))
@@ -262,14 +344,17 @@ def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = 
 
 __all__ = ["normalize_text", "build_vocab", "make_processor", "read_manifest",
            "split_by_speaker", "CTCDataset", "CTCCollator", "FreezeTransformerCallback", "make_compute_metrics",
-           "load_ctc_model", "transcribe_arrays", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
+           "load_ctc_model", "parse_freeze", "masked_time_fraction", "train_ctc", "transcribe_arrays", "babble_noise", "add_noise", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
 
 
 @dataclass
 class FinetuneArguments:
     """Data and model options of `training/finetune.py` (Trainer options come from `TrainingArguments`)."""
 
-    model_name_or_path: str = field(metadata={"help": "Pretrained checkpoint (ours, local or Hub)."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Pretrained checkpoint (ours, local or Hub); leave out and give --model_preset to train from scratch."})
+    model_preset: str | None = field(default=None, metadata={
+        "help": "Start from a randomly initialised model of this preset ('small', 'tiny', 'base') instead."})
     train_manifest: str | None = field(default=None, metadata={"help": "CSV file_name,text[,speaker_id] or dir."})
     eval_manifest: str | None = field(default=None, metadata={"help": "Optional; else split off by speaker."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id instead of a manifest."})
@@ -284,15 +369,24 @@ class FinetuneArguments:
     lowercase: bool = False
     chars_to_ignore_regex: str = DEFAULT_CHARS_TO_REMOVE
     freeze_transformer_steps: int = field(default=0, metadata={"help": "Keep the transformer frozen this long."})
-    freeze_feature_encoder: bool = field(default=True, metadata={"help": "Keep the CNN feature encoder frozen (the "
-                                                                         "paper's recipe; as run_speech_recognition_ctc)."})
+    freeze_feature_encoder: str = field(default="auto", metadata={
+        "help": "Keep the CNN feature encoder frozen: true (the paper's recipe for a pretrained CNN), false, or auto "
+                "(default: frozen when its weights were loaded from the checkpoint, trained when it starts random)."})
     mask_time_prob: float = 0.5
     mask_time_length: int = 10
+    mask_time_min_masks: int = field(default=0, metadata={
+        "help": "Spans every utterance gets whatever mask_time_prob says (transformers' default 2 hides 50-80 %% of "
+                "a short clip); the real masked fraction on the training set is logged."})
     mask_feature_prob: float = 0.25
     mask_feature_length: int = 64
     layerdrop: float = 0.05
     trust_remote_code: bool = False
     hub_dataset_id_for_card: str | None = None
+
+    def __post_init__(self):
+        if (self.model_name_or_path is None) == (self.model_preset is None):
+            raise ValueError("give exactly one of --model_name_or_path (pretrained) or --model_preset (from scratch)")
+        self.freeze_feature_encoder = parse_freeze(self.freeze_feature_encoder)
 
 
 def _rows(args: FinetuneArguments):
@@ -313,6 +407,29 @@ def _rows(args: FinetuneArguments):
     return train, evals
 
 
+def train_ctc(model, processor, train_set: CTCDataset, eval_set: CTCDataset | None,
+              training_args: TrainingArguments, freeze_transformer_steps: int = 0, callbacks=(), print_logs=True):
+    """Fine-tune `model` with transformers' `Trainer` (CTC, greedy WER/CER on `eval_set` at each evaluation); logs
+    the fraction of frames time masking really hides on the training clips. Returns the trainer (its model is
+    the best checkpoint when `load_best_model_at_end`)."""
+    frames = [int(model._get_feat_extract_output_lengths(len(e["input_values"]))) for e in train_set.examples]
+    hidden = masked_time_fraction(model.config, frames, seed=training_args.seed)
+    logger.warning("time masking hides %.1f %% of the training frames (mask_time_prob=%s, mask_time_length=%s, "
+                   "mask_time_min_masks=%s; median clip %d frames)", 100 * hidden, model.config.mask_time_prob,
+                   model.config.mask_time_length, model.config.mask_time_min_masks, int(np.median(frames)))
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=CTCCollator(processor), compute_metrics=make_compute_metrics(processor),
+                      processing_class=processor.feature_extractor,
+                      callbacks=[FreezeTransformerCallback(model, freeze_transformer_steps), *callbacks])
+    if not print_logs:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    trainer.train_result = trainer.train()
+    return trainer
+
+
 def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
     """Fine-tune, evaluate, save a stock data2vec-audio checkpoint + processor + card, maybe push. Returns metrics."""
     from .cards import write_card
@@ -329,15 +446,12 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
     set_seed(training_args.seed)  # before the new lm_head is initialised, as transformers' example scripts do
     model = load_ctc_model(args.model_name_or_path, processor, args.mask_time_prob, args.mask_time_length,
                            args.mask_feature_prob, args.mask_feature_length, args.layerdrop, args.trust_remote_code,
-                           args.freeze_feature_encoder)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=CTCCollator(processor), compute_metrics=make_compute_metrics(processor),
-                      processing_class=processor.feature_extractor,
-                      callbacks=[FreezeTransformerCallback(model, args.freeze_transformer_steps)])
-    train_result = trainer.train()
+                           args.freeze_feature_encoder, args.mask_time_min_masks, args.model_preset)
+    cnn_trained = any(p.requires_grad for p in model.data2vec_audio.feature_extractor.parameters())
+    trainer = train_ctc(model, processor, train_set, eval_set, training_args, args.freeze_transformer_steps)
     model = trainer.model
     metrics = evaluate_rows(model, processor, eval_set)
-    metrics["train_loss"] = train_result.training_loss
+    metrics["train_loss"] = trainer.train_result.training_loss
     metrics["skipped_files"] = len(train_set.skipped) + len(eval_set.skipped)
 
     final_dir = output_dir / "final"
@@ -347,11 +461,11 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
     from .plots import plot_curves
 
     plot_curves(trainer.state.log_history, [("CTC loss", ["loss", "eval_loss"]), ("error rate", ["eval_wer", "eval_cer"])],
-                final_dir / "training_curves.png", f"CTC fine-tuning of {args.model_name_or_path}")
+                final_dir / "training_curves.png", f"CTC fine-tuning of {args.model_name_or_path or args.model_preset}")
     hours_train = sum(len(e["input_values"]) for e in train_set.examples) / TARGET_SAMPLING_RATE / 3600
     write_card(final_dir, "finetuned.md", {
         "model_name": training_args.hub_model_id or final_dir.parent.name,
-        "base_model": args.model_name_or_path,
+        "base_model": args.model_name_or_path or f"none (random init, preset {args.model_preset})",
         "dataset_id": args.dataset_name or args.hub_dataset_id_for_card or "custom",
         "dataset_description": args.dataset_name or args.train_manifest,
         "train_hours": f"{hours_train:.3f}",
@@ -362,7 +476,7 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
         "learning_rate": training_args.learning_rate, "max_steps": trainer.state.global_step,
         "batch_size": training_args.per_device_train_batch_size,
         "freeze_steps": args.freeze_transformer_steps,
-        "cnn": "frozen" if args.freeze_feature_encoder else "trained",
+        "cnn": "trained" if cnn_trained else "frozen",
         "repo_id": training_args.hub_model_id or str(final_dir),
     })
     if training_args.push_to_hub:

@@ -109,7 +109,9 @@ class Data2VecAQCPreTrainedModel(Data2VecAudioPreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, GumbelProductQuantizer):
-            init.normal_(module.weight_proj.weight, mean=0.0, std=1.0)
+            std = self.config.quantizer_init_std
+            init.normal_(module.weight_proj.weight, mean=0.0,
+                         std=module.weight_proj.in_features ** -0.5 if std is None else std)
             init.zeros_(module.weight_proj.bias)
             init.uniform_(module.codevectors)
 

@@ -18,8 +18,12 @@ def plot_curves(history: list[dict], panels: list[tuple[str, list[str]]], path: 
     panels = [(label, keys) for label, keys in panels if keys]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
-    for ax, (label, keys) in zip(axes[0], panels):
+    columns = min(len(panels), 2 if len(panels) == 4 else 3)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (label, keys) in zip(axes.flat, panels):
         for key in keys:
             points = [(h[step_key], h[key]) for h in history if key in h and step_key in h]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None,

@@ -82,6 +82,10 @@ class PretrainingArguments:
                 "so it also needs --max_steps."})
     stop_after_steps: int | None = field(default=None, metadata={"help": "Stop (and checkpoint) early at this step; "
                                                                          "the schedule still spans max_steps."})
+    scale_schedules_to_run: bool = field(default=True, metadata={
+        "help": "Size the EMA-decay and Gumbel-temperature schedules to this run's length (the config defaults are "
+                "for the paper's 400k updates; identical there). Applies to a model built from --model_preset; a loaded "
+                "--model_name_or_path keeps the schedules saved in its config. See Data2VecAQCConfig.scale_schedules_to."})
     gradient_accumulation_steps: int = 1
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (the teacher stays fp32)."})
     seed: int = 0
@@ -239,11 +243,24 @@ def scalar_logs(out, lr: float) -> dict[str, float]:
     return logs
 
 
-def plot_history(history: list[dict], path) -> None:
+DIAGNOSTIC_PANELS = [
+    ("loss", ["loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss"]),
+    ("std over masked frames (collapse -> 0)", ["target_std", "prediction_std"]),
+    ("codebook perplexity per group", ["codebook_perplexity_0", "codebook_perplexity_1", "codebook_perplexity_2",
+                                       "codebook_perplexity_3"]),
+    ("schedules", ["gumbel_temperature", "ema_decay", "learning_rate_relative"]),
+]
+
+
+def plot_history(history: list[dict], path, title: str = "data2vec-aqc pretraining") -> None:
+    """Loss terms and the health diagnostics (target/prediction std, codebook perplexity, Gumbel temperature, EMA
+    decay, learning rate relative to its peak) against the step, one panel each."""
     from .plots import plot_curves
 
-    plot_curves(history, [("loss", ["loss", "regression_loss", "student_contrastive_loss",
-                                     "teacher_contrastive_loss"])], path, "data2vec-aqc pretraining")
+    peak = max((h.get("learning_rate", 0.0) for h in history), default=0.0) or 1.0
+    history = [{**h, "learning_rate_relative": h["learning_rate"] / peak} if "learning_rate" in h else h
+               for h in history]
+    plot_curves(history, DIAGNOSTIC_PANELS, path, title)
 
 
 def load_noise_bank(noise_dir: str, max_clips: int = 2000) -> list[torch.Tensor]:
@@ -331,6 +348,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         schedule_steps = epochs_schedule_steps(stream, args.num_train_epochs, accelerator.num_processes,
                                                args.dataloader_num_workers, args.gradient_accumulation_steps)
         accelerator.print(f"{args.num_train_epochs} epoch(s) of {description}: {schedule_steps} updates")
+    if args.scale_schedules_to_run and not args.model_name_or_path:
+        model.config.scale_schedules_to(schedule_steps)
+        c = model.config
+        accelerator.print(f"schedules sized to {schedule_steps} updates: EMA {c.ema_decay_start:.4f} -> "
+                          f"{c.ema_decay_end:.5f} over {c.ema_anneal_steps} updates, Gumbel temperature x"
+                          f"{c.gumbel_temperature_decay:.6f} per update")
     scheduler = tri_stage_schedule(optimizer, schedule_steps, (args.warmup_ratio, args.hold_ratio, args.decay_ratio))
     # the scheduler is stepped by us once per optimizer update (accelerate's wrapper would step it num_processes
     # times per update), and checkpointed as a registered object
@@ -457,7 +480,7 @@ def finish(model, args, summary, history, output_dir: Path, description: str) ->
                              do_normalize=True, return_attention_mask=True).save_pretrained(output_dir)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if history:
-        plot_history(history, output_dir / "loss.png")
+        plot_history(history, output_dir / "loss.png", f"{model.config.objective} pretraining: {description}")
     final = summary["final"]
     write_card(output_dir, "pretrained.md", {
         "model_name": args.hub_model_id or output_dir.name,
@@ -478,3 +501,22 @@ def finish(model, args, summary, history, output_dir: Path, description: str) ->
 
         push_folder(output_dir, args.hub_model_id, f"data2vec-aqc pretraining, {summary['steps']} steps",
                     args.hub_private_repo)
+
+
+def main(argv=None) -> dict:
+    """`training/pretrain.py` and `python -m data2vec_aqc_hf.pretraining`: flags or one YAML/JSON file; prints one
+    `SUMMARY {json}` line (main process only)."""
+    from accelerate import PartialState
+
+    from .cli import parse_args
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    (args,) = parse_args(PretrainingArguments, argv)
+    summary = run_pretraining(args)
+    if PartialState().is_main_process:  # one summary line, not one per rank interleaved on a shared pipe
+        print("SUMMARY " + json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,5 @@
 """Copy the small demo subset of ../shared/speech_corpus into data/demo (run once by maintainers; the result is
-committed). FSDD: 4 utterances per digit per speaker; LibriSpeech train-clean-100: 8 unlabeled utterances."""
+committed). FSDD: 12 utterances per digit per speaker; LibriSpeech train-clean-100: 8 unlabeled utterances."""
 
 import csv
 import shutil
@@ -7,6 +7,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+PER_DIGIT = 12  # utterances per digit per speaker (480 clips, ~2.9 MB)
 src = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/speech_corpus")
 dst = Path("data/demo")
 rows = list(csv.DictReader(open(src / "metadata.csv")))
@@ -15,7 +16,7 @@ picked, count = [], defaultdict(int)
 for r in rows:
     if r["file_name"].startswith("audio/fsdd/"):
         key = (r["speaker_id"], r["text"])
-        if count[key] < 4:
+        if count[key] < PER_DIGIT:
             count[key] += 1
             picked.append(r)
 unlabeled = list(csv.DictReader(open(src / "unlabeled.csv")))[:8]

@@ -1,0 +1,555 @@
+"""The learning experiment: does self-supervised pretraining (data2vec-aqc, data2vec) help a small CTC recognizer
+transcribe speakers it has never heard, with little labelled speech, in clean and noisy conditions?
+
+Design (one command, `python training/experiments/fsdd_ssl.py`; about an hour on 2 CPU cores at `--scale 1`):
+
+1. Pretrain the same `small` model with `objective="aqc"` and `objective="data2vec"` on the corpus's unlabelled
+   audio: 12 min of LibriSpeech train-clean-100 (60 speakers), 3.7 min of LJ Speech and the FSDD recordings of all
+   four speakers *without their transcripts* (the low-resource setting SSL is for: a new speaker's audio is
+   cheap, its labels are not; `--pretrain_on_test_speaker_audio false` pretrains once per fold without it).
+2. Fine-tune each pretrained model and a randomly initialised one ("none") with CTC on three FSDD speakers: a
+   low-resource set (`--low_resource_per_speaker` utterances per speaker, balanced over digits, drawn per seed)
+   and the full set (500 per speaker). Same recipe for every initialisation, no model selection (there is no
+   development speaker to select on without touching the test speaker), fixed number of updates.
+3. Test on the held-out fourth speaker, rotating it over the four speakers, for every seed: clean (all 500
+   utterances) and with white and babble noise at each SNR (`--noisy_per_digit` utterances per digit; babble is
+   four LibriSpeech test-other talkers, audio never seen in pretraining).
+4. Write `RESULTS.md` (mean and standard deviation over folds x seeds, per-fold numbers, the relative
+   improvements the targets ask about), `results.png`, `results.json` and each pretraining run's diagnostics plot.
+
+Every run's result is saved as it finishes (`runs/*/result.json`); a second invocation skips finished runs, so an
+interrupted experiment continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainingArguments, set_seed
+
+from .audio import AudioError, load_audio
+from .finetuning import (
+    CTCDataset,
+    build_vocab,
+    evaluate_rows,
+    load_ctc_model,
+    make_processor,
+    normalize_text,
+    read_manifest,
+    train_ctc,
+)
+
+logger = logging.getLogger(__name__)
+
+NOISE_KINDS = ("white", "babble")
+FSDD_PREFIX = "fsdd_"
+PRETRAINING_SOURCES = ("librispeech_train-clean-100", "ljspeech")  # plus FSDD audio, never test-other (babble)
+BABBLE_SOURCE = "librispeech_test-other"
+
+
+@dataclass
+class ExperimentArguments:
+    """Options of `training/experiments/fsdd_ssl.py`; the defaults are the one-hour CPU design."""
+
+    corpus_dir: str = field(default="../shared/speech_corpus", metadata={"help": "The shared speech corpus."})
+    output_dir: str = field(default="outputs/fsdd_ssl", metadata={"help": "Runs, models, plots (resumable)."})
+    results_md: str | None = field(default="docs/RESULTS.md", metadata={"help": "Where to write the report too."})
+    model_preset: str = field(default="small", metadata={"help": "Model for every arm."})
+    scale: float = field(default=1.0, metadata={
+        "help": "Multiply every step count (pretraining and fine-tuning) by this: the same design, larger (e.g. 10 "
+                "where a GPU is lent)."})
+    objectives: str = field(default="aqc,data2vec,none", metadata={"help": "Initialisations; 'none' = scratch."})
+    test_speakers: str | None = field(default=None, metadata={"help": "Folds (default: all four FSDD speakers)."})
+    seeds: str = field(default="0,1", metadata={"help": "Fine-tuning seeds (each fold x seed is one sample)."})
+    label_sets: str = field(default="low,full", metadata={"help": "'low' and/or 'full' labelled training sets."})
+    low_resource_per_speaker: int = field(default=50, metadata={"help": "Labelled utterances per speaker in 'low'."})
+    pretrain_on_test_speaker_audio: bool = field(default=True, metadata={
+        "help": "Pretrain on the unlabelled audio of all four speakers (one pretraining per objective); false: one "
+                "pretraining per fold without the test speaker's audio (4x the pretraining time)."})
+    pretrain_steps: int = 300
+    pretrain_learning_rate: float = 1e-3
+    pretrain_batch_seconds: float = field(default=8.0, metadata={"help": "Padded audio per pretraining batch."})
+    pretrain_max_seconds: float = field(default=4.0, metadata={"help": "Longer pretraining clips are cropped."})
+    finetune_steps_low: int = 450
+    finetune_steps_full: int = 700
+    finetune_learning_rate: float = 1e-3
+    finetune_batch_size: int = 16
+    sanity_steps: int = field(default=1200, metadata={
+        "help": "Also fine-tune from scratch on all three training speakers of the last fold this long and report "
+                "WER on all their training utterances (the recipe can fit its data); 0 skips it."})
+    freeze_feature_encoder: bool = field(default=False, metadata={
+        "help": "Freeze the CNN when fine-tuning pretrained models (scratch always trains it)."})
+    mask_time_prob: float = 0.05
+    mask_time_length: int = 4
+    jobs: int = field(default=2, metadata={
+        "help": "Runs in parallel, one thread each (a model this small uses 2 cores better as 2 runs than as 1 run "
+                "with 2 threads); 1 on a GPU."})
+    snrs: str = field(default="10,5,0", metadata={"help": "SNRs (dB) of the noisy test conditions."})
+    noisy_per_digit: int = field(default=10, metadata={"help": "Test utterances per digit in each noisy condition."})
+
+    def __post_init__(self):
+        self.objectives_list = [o.strip() for o in self.objectives.split(",") if o.strip()]
+        unknown = set(self.objectives_list) - {"aqc", "data2vec", "none"}
+        if unknown:
+            raise ValueError(f"unknown objective(s) {sorted(unknown)}; choose from aqc, data2vec, none")
+        self.seed_list = [int(s) for s in self.seeds.split(",")]
+        self.label_set_list = [s.strip() for s in self.label_sets.split(",")]
+        if set(self.label_set_list) - {"low", "full"}:
+            raise ValueError(f"label_sets must be 'low' and/or 'full', got {self.label_sets!r}")
+        self.snr_list = [float(s) for s in self.snrs.split(",")]
+        if self.scale <= 0:
+            raise ValueError(f"scale must be positive, got {self.scale}")
+
+    def steps(self, n: int) -> int:
+        return max(1, round(n * self.scale))
+
+
+def conditions(snrs: list[float]) -> list[str]:
+    """Test condition names: `clean`, then `white_10`, `babble_10`, ... per SNR."""
+    return ["clean"] + [f"{kind}_{snr:g}" for snr in snrs for kind in NOISE_KINDS]
+
+
+# ----- data -------------------------------------------------------------------------------------------------------
+def load_corpus(corpus_dir: Path):
+    """FSDD rows (labelled), the pretraining audio list and the babble bank of the shared corpus."""
+    rows = read_manifest(corpus_dir / "metadata.csv")
+    fsdd = [r for r in rows if r["speaker_id"].startswith(FSDD_PREFIX)]
+    if len({r["speaker_id"] for r in fsdd}) < 2:
+        raise ValueError(f"{corpus_dir}: the experiment needs the FSDD speakers of metadata.csv")
+    babble_files = [r["audio"] for r in rows if f"/{BABBLE_SOURCE}/" in r["audio"]]
+    pretrain_files = [r["audio"] for r in rows if any(f"/{s}/" in r["audio"] for s in PRETRAINING_SOURCES)]
+    with open(corpus_dir / "unlabeled.csv", newline="") as f:
+        pretrain_files += [str(corpus_dir / r["file_name"]) for r in csv.DictReader(f)]
+    return fsdd, pretrain_files, babble_files
+
+
+def low_resource_subset(dataset: CTCDataset, per_speaker: int, seed: int) -> CTCDataset:
+    """`per_speaker` utterances of each speaker, balanced over transcripts (digits), drawn with `seed`."""
+    rng = random.Random(seed)
+    by_key: dict[tuple[str, str], list[int]] = {}
+    for i, e in enumerate(dataset.examples):
+        by_key.setdefault((e["speaker_id"], e["text"]), []).append(i)
+    keep = set()
+    for speaker in sorted({s for s, _ in by_key}):
+        texts = sorted(t for s, t in by_key if s == speaker)
+        pools = {t: rng.sample(by_key[(speaker, t)], len(by_key[(speaker, t)])) for t in texts}
+        for k in range(per_speaker):
+            text = texts[k % len(texts)]
+            if pools[text]:
+                keep.add(pools[text].pop())
+    ids = {id(dataset.examples[i]) for i in keep}
+    return dataset.subset(lambda e: id(e) in ids)
+
+
+def per_digit_subset(dataset: CTCDataset, per_text: int) -> CTCDataset:
+    """The first `per_text` utterances of each transcript (a fixed, balanced subset for the noisy conditions)."""
+    counts: dict[str, int] = {}
+
+    def keep(e):
+        counts[e["text"]] = counts.get(e["text"], 0) + 1
+        return counts[e["text"]] <= per_text
+
+    return dataset.subset(keep)
+
+
+# ----- pretraining ------------------------------------------------------------------------------------------------
+def pretrain_command(args: ExperimentArguments, objective: str, audio_files: list[str], out_dir: Path):
+    """The `python -m data2vec_aqc_hf.pretraining` command (its own process and accelerate state) for one
+    objective, or None when a finished model is already there."""
+    if (out_dir / "summary.json").exists() and (out_dir / "config.json").exists():
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / "pretrain_audio.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name"])
+        writer.writerows([str(Path(a).resolve())] for a in audio_files)
+    flags = dict(output_dir=out_dir, model_preset=args.model_preset, objective=objective, train_data=manifest,
+                 min_duration_in_seconds=0.2, max_duration_in_seconds=args.pretrain_max_seconds,
+                 max_batch_duration_in_seconds=args.pretrain_batch_seconds, learning_rate=args.pretrain_learning_rate,
+                 max_steps=args.steps(args.pretrain_steps), logging_steps=10, save_steps=10 ** 9, save_total_limit=1,
+                 seed=0)
+    cmd = [sys.executable, "-m", "data2vec_aqc_hf.pretraining"]
+    for key, value in flags.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def run_commands(commands: list[tuple[str, list[str]]], jobs: int, log_dir: Path) -> None:
+    """Run `(name, command)` pairs, `jobs` at a time, one thread each when several run; each one's output goes to
+    `log_dir/<name>.log`. Raises naming the first that failed."""
+    import os
+
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if jobs > 1 else {})}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, cmd = pending.pop(0)
+            log = open(log_dir / f"{name}.log", "w")
+            print(f"[pretrain] {name}: started (log {log_dir / (name + '.log')})", flush=True)
+            running.append((name, cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(2)
+        for item in list(running):
+            name, cmd, proc, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            if proc.returncode:
+                for _, _, other, _ in running:
+                    other.kill()
+                raise RuntimeError(f"{name} failed (exit {proc.returncode}), see {log_dir / (name + '.log')}: "
+                                   + " ".join(cmd))
+            print(f"[pretrain] {name}: done", flush=True)
+
+
+# ----- one fine-tuning run ----------------------------------------------------------------------------------------
+def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_set, noisy_set, fit_set, processor,
+                      babble_bank, seed: int, steps: int, run_dir: Path, labels: str = "") -> dict:
+    """Fine-tune one initialisation with CTC, then WER/CER on the test speaker in every condition and on a sample
+    of the training utterances (fit). Returns the result dict (also saved as `run_dir/result.json`)."""
+    start = time.time()
+    set_seed(seed)
+    model = load_ctc_model(
+        None if checkpoint is None else str(checkpoint), processor, mask_time_prob=args.mask_time_prob,
+        mask_time_length=args.mask_time_length, mask_time_min_masks=0, mask_feature_prob=0.0, layerdrop=0.0,
+        freeze_feature_encoder=args.freeze_feature_encoder if checkpoint is not None else False,
+        model_preset=args.model_preset if checkpoint is None else None,
+    )
+    training_args = TrainingArguments(
+        output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=args.finetune_batch_size,
+        learning_rate=args.finetune_learning_rate, warmup_steps=max(1, steps // 10), lr_scheduler_type="linear", weight_decay=0.01,
+        adam_beta2=0.98, max_grad_norm=5.0, logging_steps=max(1, steps // 20), save_strategy="no",
+        eval_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length", disable_tqdm=True,
+    )
+    trainer = train_ctc(model, processor, train_set, None, training_args, print_logs=False)
+    model = trainer.model
+    train_seconds = time.time() - start
+    metrics = {"clean": evaluate_rows(model, processor, test_set)}
+    for snr in args.snr_list:
+        for kind in NOISE_KINDS:
+            metrics[f"{kind}_{snr:g}"] = evaluate_rows(model, processor, noisy_set, snr_db=snr, seed=seed,
+                                                       noise=kind, babble_bank=babble_bank)
+    fit = evaluate_rows(model, processor, fit_set)
+    result = {
+        "init": init, "labels": labels, "seed": seed, "steps": steps, "num_train": len(train_set),
+        "test_speaker": test_set.examples[0]["speaker_id"],
+        "wer": {k: v["wer"] for k, v in metrics.items()}, "cer": {k: v["cer"] for k, v in metrics.items()},
+        "train_fit_wer": fit["wer"], "examples": metrics["clean"]["examples"],
+        "train_loss": trainer.train_result.training_loss,
+        "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
+        "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(args_dict: dict, threads: int) -> None:
+    """Load the corpus once per worker process."""
+    import transformers
+
+    logging.basicConfig(level=logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+    args = ExperimentArguments(**args_dict)
+    fsdd_rows, _, babble_files = load_corpus(Path(args.corpus_dir))
+    import tempfile
+
+    processor = make_processor(build_vocab([normalize_text(r["text"]) for r in fsdd_rows]), tempfile.mkdtemp())
+    babble_bank = []
+    for path in babble_files:
+        try:
+            babble_bank.append(load_audio(path))
+        except AudioError as err:
+            logger.warning("babble bank: skipping %s", err)
+    _WORKER.update(args=args, processor=processor, fsdd=CTCDataset(fsdd_rows, processor, min_samples=400),
+                   babble_bank=babble_bank)
+
+
+def _worker_run(arm: dict) -> dict:
+    args, fsdd = _WORKER["args"], _WORKER["fsdd"]
+    fold, labels, seed = arm["fold"], arm["labels"], arm["seed"]
+    test_set = fsdd.subset(lambda e: e["speaker_id"] == fold)
+    train_full = fsdd.subset(lambda e: e["speaker_id"] != fold)
+    train_set = (train_full if labels in ("full", "sanity")
+                 else low_resource_subset(train_full, args.low_resource_per_speaker, seed))
+    steps = {"full": args.steps(args.finetune_steps_full), "low": args.steps(args.finetune_steps_low),
+             "sanity": args.sanity_steps}[labels]
+    fit_set = train_full if labels == "sanity" else low_resource_subset(train_full, 20, 1234)
+    return finetune_and_test(
+        args, arm["init"], Path(arm["checkpoint"]) if arm["checkpoint"] else None, train_set, test_set,
+        per_digit_subset(test_set, args.noisy_per_digit), fit_set,
+        _WORKER["processor"], _WORKER["babble_bank"], seed, steps, Path(arm["run_dir"]), labels)
+
+
+# ----- the whole experiment ---------------------------------------------------------------------------------------
+def run_experiment(args: ExperimentArguments) -> dict:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Path(args.corpus_dir)
+    started = time.time()
+    fsdd_rows, pretrain_files, babble_files = load_corpus(corpus)
+    texts = [normalize_text(r["text"]) for r in fsdd_rows]
+    processor = make_processor(build_vocab(texts), out / "processor")
+    speakers = sorted({r["speaker_id"] for r in fsdd_rows})
+    folds = [s.strip() for s in args.test_speakers.split(",")] if args.test_speakers else speakers
+    missing = set(folds) - set(speakers)
+    if missing:
+        raise ValueError(f"test speaker(s) {sorted(missing)} not among the FSDD speakers {speakers}")
+
+    # 1. pretraining (labels never read: the FSDD files enter as audio only)
+    pretrained: dict[tuple[str, str], Path] = {}
+    commands = []
+    for objective in [o for o in args.objectives_list if o != "none"]:
+        variants = ([("all", [r["audio"] for r in fsdd_rows], folds)] if args.pretrain_on_test_speaker_audio else
+                    [(f"without-{fold}", [r["audio"] for r in fsdd_rows if r["speaker_id"] != fold], [fold])
+                     for fold in folds])
+        for tag, fsdd_audio, for_folds in variants:
+            path = out / "pretrain" / (objective if tag == "all" else f"{objective}-{tag}")
+            pretrained.update({(objective, fold): path for fold in for_folds})
+            cmd = pretrain_command(args, objective, pretrain_files + fsdd_audio, path)
+            if cmd:
+                commands.append((path.name, cmd))
+    print(f"pretraining {len(commands)} model(s), {args.steps(args.pretrain_steps)} updates each", flush=True)
+    run_commands(commands, args.jobs, out / "logs")
+
+    # 2-3. fine-tune and test every arm, `jobs` at a time in worker processes
+    arms = [dict(seed=seed, fold=fold, labels=labels, init=init) for seed in args.seed_list for fold in folds
+            for labels in args.label_set_list for init in args.objectives_list]
+    results, todo = [], []
+    for arm in arms:
+        run_dir = out / "runs" / "{init}-{labels}-{fold}-seed{seed}".format(**arm)
+        arm.update(run_dir=str(run_dir), checkpoint=str(pretrained[(arm["init"], arm["fold"])])
+                   if arm["init"] != "none" else None)
+        if (run_dir / "result.json").exists():
+            results.append(json.loads((run_dir / "result.json").read_text()))
+        else:
+            todo.append(arm)
+    if args.sanity_steps > 0:
+        arm = dict(seed=0, fold=folds[-1], labels="sanity", init="none", checkpoint=None,
+                   run_dir=str(out / "runs" / f"sanity-none-full-{folds[-1]}"))
+        arms.append(arm)
+        if (Path(arm["run_dir"]) / "result.json").exists():
+            results.append(json.loads((Path(arm["run_dir"]) / "result.json").read_text()))
+        else:
+            todo.insert(0, arm)  # the longest run first
+    print(f"{len(arms)} fine-tuning runs ({len(arms) - len(todo)} already done), {args.jobs} at a time", flush=True)
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(asdict(args), 1 if args.jobs > 1 else 0)) as pool:
+        futures = [pool.submit(_worker_run, arm) for arm in todo]
+        for done, future in enumerate(as_completed(futures), 1):
+            result = future.result()
+            results.append(result)
+            print(f"[{len(results)}/{len(arms)}] {result['init']:8s} {result['labels']:4s} test "
+                  f"{result['test_speaker']} seed {result['seed']}: WER clean {100 * result['wer']['clean']:.1f} %, "
+                  + ", ".join(f"{k} {100 * v:.1f}" for k, v in result["wer"].items() if k != "clean")
+                  + f"; training speakers {100 * result['train_fit_wer']:.1f} % ({result['total_seconds']:.0f} s; "
+                  f"elapsed {(time.time() - started) / 60:.1f} min)", flush=True)
+
+    # 4. report
+    sanity = [r for r in results if r["labels"] == "sanity"]
+    results = [r for r in results if r["labels"] != "sanity"]
+    summary = summarize(results, conditions(args.snr_list))
+    report = {"arguments": {k: v for k, v in asdict(args).items()}, "summary": summary, "runs": results,
+              "sanity": sanity[0] if sanity else None,
+              "machine": machine_description(), "wall_minutes": round((time.time() - started) / 60, 1),
+              "pretraining": {o: json.loads((p / "summary.json").read_text())
+                              for (o, _), p in sorted(pretrained.items())}}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    plot_results(summary, args, out / "results.png")
+    markdown = results_markdown(report, args, out)
+    (out / "RESULTS.md").write_text(markdown)
+    if args.results_md:
+        target = Path(args.results_md)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for png in [out / "results.png", *sorted((out / "pretrain").glob("*/loss.png"))]:
+            name = "results.png" if png.name == "results.png" else f"pretrain_{png.parent.name}.png"
+            shutil.copyfile(png, target.parent / f"fsdd_ssl_{name}")
+        target.write_text(markdown.replace("](", "](fsdd_ssl_").replace("fsdd_ssl_http", "http"))
+    print(f"results: {out / 'RESULTS.md'}" + (f" and {args.results_md}" if args.results_md else ""), flush=True)
+    return report
+
+
+def summarize(results: list[dict], condition_names: list[str]) -> dict:
+    """Mean and standard deviation of WER and CER over folds x seeds for each (labels, init, condition)."""
+    summary: dict = {}
+    for labels in sorted({r["labels"] for r in results}):
+        for init in sorted({r["init"] for r in results}):
+            runs = [r for r in results if r["labels"] == labels and r["init"] == init]
+            if not runs:
+                continue
+            entry = {"n": len(runs), "train_fit_wer": _stats([r["train_fit_wer"] for r in runs])}
+            for metric in ("wer", "cer"):
+                entry[metric] = {c: _stats([r[metric][c] for r in runs]) for c in condition_names
+                                 if all(c in r[metric] for r in runs)}
+            summary.setdefault(labels, {})[init] = entry
+    return summary
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def relative_gain(baseline: float, new: float) -> float:
+    """Relative WER reduction of `new` over `baseline` (positive = better)."""
+    return (baseline - new) / baseline if baseline > 0 else math.nan
+
+
+def machine_description() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return (f"{platform.processor() or platform.machine()}, {device}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def plot_results(summary: dict, args: ExperimentArguments, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = conditions(args.snr_list)
+    label_sets = [l for l in ("low", "full") if l in summary]
+    fig, axes = plt.subplots(1, len(label_sets), figsize=(7 * len(label_sets), 4.2), squeeze=False)
+    for ax, labels in zip(axes[0], label_sets):
+        inits = list(summary[labels])
+        width = 0.8 / len(inits)
+        for k, init in enumerate(inits):
+            wer = summary[labels][init]["wer"]
+            xs = [i + (k - (len(inits) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(xs, [100 * wer[c]["mean"] for c in names], width, yerr=[100 * wer[c]["std"] for c in names],
+                   capsize=2, label="scratch" if init == "none" else init)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30)
+        ax.set_ylabel("WER on the unseen speaker (%)")
+        ax.set_ylim(0, 105)
+        n = next(iter(summary[labels].values()))["n"]
+        ax.set_title(f"{labels} labelled set: mean ± std over {n} fold x seed runs")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
+    summary, names = report["summary"], conditions(args.snr_list)
+    lines = [
+        "# Learning experiment: does pretraining help on unseen speakers? (FSDD, CPU scale)",
+        "",
+        f"Written by `python training/experiments/fsdd_ssl.py` (`--scale {args.scale:g}`) on {report['machine']}; "
+        f"{report['wall_minutes']} min wall clock. Numbers are from that run; CPU results differ slightly across "
+        "machines and thread counts.",
+        "",
+        f"Design: model preset `{args.model_preset}`; pretraining {args.steps(args.pretrain_steps)} updates per "
+        f"objective (lr {args.pretrain_learning_rate:g}, {args.pretrain_batch_seconds:g} s of padded audio per batch) "
+        "on unlabelled audio: LibriSpeech train-clean-100 (60 speakers, 12 min), LJ Speech (3.7 min) and FSDD "
+        + ("*including the test speaker's audio, never its transcripts*" if args.pretrain_on_test_speaker_audio
+           else "without the test speaker") +
+        f". CTC fine-tuning: `low` = {args.low_resource_per_speaker} utterances per training speaker "
+        f"({args.steps(args.finetune_steps_low)} updates), `full` = all 500 per speaker "
+        f"({args.steps(args.finetune_steps_full)} updates); batch {args.finetune_batch_size}, lr "
+        f"{args.finetune_learning_rate:g}, time masking {args.mask_time_prob:g} x {args.mask_time_length} frames, CNN "
+        f"{'frozen' if args.freeze_feature_encoder else 'trained'}; the same recipe for every initialisation, no "
+        "checkpoint selection. Test: the held-out speaker, rotated over "
+        f"{len({r['test_speaker'] for r in report['runs']})} speakers, seeds {args.seeds}; clean = all 500 "
+        f"utterances, noisy = {10 * args.noisy_per_digit} (white Gaussian, or babble of 4 LibriSpeech test-other "
+        "talkers never used in pretraining). Greedy CTC decoding, no LM.",
+        "",
+        "## WER on the unseen speaker (%), mean ± std over folds x seeds",
+        "",
+    ]
+    for labels in [l for l in ("low", "full") if l in summary]:
+        lines += [f"### `{labels}` labelled set", "",
+                  "| init | runs | " + " | ".join(names) + " | training speakers |",
+                  "|---|---:|" + "---:|" * (len(names) + 1)]
+        for init, entry in summary[labels].items():
+            cells = [f"{100 * entry['wer'][c]['mean']:.1f} ± {100 * entry['wer'][c]['std']:.1f}" for c in names]
+            fit = entry["train_fit_wer"]
+            lines.append(f"| {'scratch' if init == 'none' else init} | {entry['n']} | " + " | ".join(cells)
+                         + f" | {100 * fit['mean']:.1f} |")
+        lines.append("")
+    lines += ["![WER by condition](results.png)", "", "## Against the targets", ""]
+    sanity = report.get("sanity")
+    if sanity:
+        lines.append(f"* Sanity: from scratch on all {sanity['num_train']} utterances of the three training speakers, "
+                     f"{sanity['steps']} updates, WER on those training utterances <= 5 %: "
+                     f"{100 * sanity['train_fit_wer']:.1f} % -> {'met' if sanity['train_fit_wer'] <= 0.05 else 'NOT met'}"
+                     f" (unseen {sanity['test_speaker']}: {100 * sanity['wer']['clean']:.1f} %; "
+                     f"{sanity['train_seconds'] / 60:.1f} min on one thread)")
+    lines += target_lines(summary, names)
+    lines += ["", "## Pretraining diagnostics", ""]
+    for objective, info in report["pretraining"].items():
+        final = info.get("final", {})
+        keys = ["loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss", "target_std",
+                "prediction_std", "codebook_perplexity_0", "codebook_perplexity_1", "gumbel_temperature",
+                "ema_decay"]
+        lines.append(f"* `{objective}`: {info['steps']} updates, {info['hours_seen']:.2f} h of audio seen; final "
+                     + ", ".join(f"{k} {final[k]:.3g}" for k in keys if k in final))
+    for png in sorted((out / "pretrain").glob("*/loss.png")):
+        lines += ["", f"![{png.parent.name} pretraining](pretrain_{png.parent.name}.png)"]
+    lines += ["", "## Per run", "", "| init | labels | test speaker | seed | clean WER | worst noisy WER | "
+              "training speakers WER | train s |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(report["runs"], key=lambda r: (r["labels"], r["init"], r["test_speaker"], r["seed"])):
+        noisy = max(v for k, v in r["wer"].items() if k != "clean")
+        lines.append(f"| {r['init']} | {r['labels']} | {r['test_speaker']} | {r['seed']} | "
+                     f"{100 * r['wer']['clean']:.1f} | {100 * noisy:.1f} | {100 * r['train_fit_wer']:.1f} | "
+                     f"{r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def target_lines(summary: dict, names: list[str]) -> list[str]:
+    """The issue's targets, each with the measured numbers and whether it is met."""
+    lines = []
+
+    def mean(labels, init, cond="clean"):
+        try:
+            return summary[labels][init]["wer"][cond]["mean"]
+        except KeyError:
+            return None
+
+    best = [(mean(l, i), l, i) for l in summary for i in summary[l] if i != "none" and mean(l, i) is not None]
+    if best:
+        value, labels, init = min(best)
+        lines.append(f"* Best pretrained model, clean WER <= 10 %: {init} / {labels} = {100 * value:.1f} % "
+                     f"-> {'met' if value <= 0.10 else 'NOT met'}")
+    scratch = mean("low", "none")
+    for init in ("aqc", "data2vec"):
+        value = mean("low", init)
+        if scratch is not None and value is not None:
+            gain = relative_gain(scratch, value)
+            lines.append(f"* Low-resource, {init} vs scratch, >= 30 % relative: {100 * value:.1f} vs "
+                         f"{100 * scratch:.1f} % = {100 * gain:+.0f} % -> {'met' if gain >= 0.30 else 'NOT met'}")
+    for labels in summary:
+        aqc, d2v = mean(labels, "aqc"), mean(labels, "data2vec")
+        if aqc is None or d2v is None:
+            continue
+        parts = [f"clean {100 * aqc:.1f} vs {100 * d2v:.1f}"]
+        for cond in [c for c in names if c.endswith(("_5", "_0"))]:
+            a, d = mean(labels, "aqc", cond), mean(labels, "data2vec", cond)
+            parts.append(f"{cond} {100 * a:.1f} vs {100 * d:.1f} ({'better' if a < d else 'not better'})")
+        lines.append(f"* `{labels}`: AQC vs data2vec (AQC should match clean, beat at 5 and 0 dB): " + "; ".join(parts))
+    return lines

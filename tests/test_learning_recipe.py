@@ -1,0 +1,186 @@
+"""The pieces of the recipe that learns at CPU scale: run-length schedules, fine-tuning that trains a random CNN,
+masking that leaves short clips visible, noisy test conditions, the experiment's data splits and the experiment
+end to end at toy scale."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEMO, SHARED, tiny_config
+
+from data2vec_aqc_hf import Data2VecAQCConfig, Data2VecAQCForPreTraining
+from data2vec_aqc_hf.configuration_data2vec_aqc import PAPER_UPDATES
+from data2vec_aqc_hf.finetuning import (
+    CTCDataset,
+    add_noise,
+    babble_noise,
+    build_vocab,
+    load_ctc_model,
+    make_processor,
+    masked_time_fraction,
+    read_manifest,
+)
+from data2vec_aqc_hf.quantizer import gumbel_temperature
+from data2vec_aqc_hf.teacher import ema_decay
+
+
+def test_scaled_schedules_cover_the_same_fraction_of_the_run():
+    paper = Data2VecAQCConfig()
+    same = Data2VecAQCConfig()
+    same.scale_schedules_to(PAPER_UPDATES)
+    assert (same.ema_anneal_steps, same.ema_decay_start, same.ema_decay_end) == (30000, 0.999, 0.9999)
+    assert math.isclose(same.gumbel_temperature_decay, 0.999995, rel_tol=0, abs_tol=1e-15)
+
+    short = Data2VecAQCConfig()
+    short.scale_schedules_to(4000)  # 100x shorter
+    assert short.ema_anneal_steps == 300
+    assert math.isclose(short.ema_decay_start, 0.9) and math.isclose(short.ema_decay_end, 0.99)
+    for fraction in (0.0, 0.1, 0.5, 0.69, 1.0):
+        # the temperature at the same fraction of either run is the same
+        t_paper = gumbel_temperature(int(fraction * PAPER_UPDATES), 2.0, 0.5, paper.gumbel_temperature_decay)
+        t_short = gumbel_temperature(int(fraction * 4000), 2.0, 0.5, short.gumbel_temperature_decay)
+        assert abs(float(t_paper) - float(t_short)) < 1e-3
+    # the teacher's averaging horizon 1 / (1 - tau) is the same fraction of the run
+    horizon_paper = 1 / (1 - float(ema_decay(PAPER_UPDATES, 0.999, 0.9999, 30000)))
+    horizon_short = 1 / (1 - float(ema_decay(4000, short.ema_decay_start, short.ema_decay_end,
+                                             short.ema_anneal_steps)))
+    assert math.isclose(horizon_paper / PAPER_UPDATES, horizon_short / 4000, rel_tol=1e-6)
+    # 600 updates with the paper's values: the temperature has hardly moved; scaled, it reaches its floor
+    assert float(gumbel_temperature(600, 2.0, 0.5, 0.999995)) > 1.99
+    tiny_run = Data2VecAQCConfig()
+    tiny_run.scale_schedules_to(600)
+    assert float(gumbel_temperature(600, 2.0, 0.5, tiny_run.gumbel_temperature_decay)) == 0.5
+    with pytest.raises(ValueError, match="total_updates"):
+        tiny_run.scale_schedules_to(0)
+
+
+def test_small_preset_size_and_short_clip_masking():
+    config = Data2VecAQCConfig.from_preset("small")
+    model = Data2VecAQCForPreTraining(config)
+    student = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("teacher."))
+    assert 3e6 < student < 8e6
+    # a 0.4 s spoken digit has 19 frames: pretraining masking must leave some of it visible
+    fraction = masked_time_fraction(config, [19] * 2000)
+    assert 0.3 < fraction < 0.8
+
+
+def test_masked_fraction_matches_transformers_masking():
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+    for prob, length, min_masks in ((0.05, 10, 2), (0.05, 4, 0), (0.5, 10, 2)):
+        config = Data2VecAQCConfig(mask_time_prob=prob, mask_time_length=length, mask_time_min_masks=min_masks)
+        ours = masked_time_fraction(config, [21] * 4000, seed=1)
+        np.random.seed(0)  # transformers draws one rounding jitter per batch (we draw one per utterance): the
+        # expected fraction is the same, so average over many batches
+        theirs = np.mean([_compute_mask_indices((8, 21), prob, length, min_masks=min_masks).mean()
+                          for _ in range(500)])
+        assert abs(ours - theirs) < 0.02, (prob, length, min_masks, ours, theirs)
+    # the calibration's finding: transformers' default min_masks=2 hides most of a short clip
+    assert masked_time_fraction(Data2VecAQCConfig(mask_time_prob=0.05, mask_time_length=10, mask_time_min_masks=2),
+                                [21] * 1000) > 0.5
+    assert masked_time_fraction(Data2VecAQCConfig(mask_time_prob=0.05, mask_time_length=4, mask_time_min_masks=0),
+                                [21] * 1000) < 0.1
+
+
+def test_ctc_model_trains_a_random_cnn_and_freezes_a_pretrained_one(tmp_path):
+    processor = make_processor(build_vocab(["ONE TWO"]), tmp_path / "proc")
+    Data2VecAQCForPreTraining(tiny_config()).save_pretrained(tmp_path / "pre")
+
+    def cnn_trainable(model):
+        return all(p.requires_grad for p in model.data2vec_audio.feature_extractor.parameters())
+
+    assert not cnn_trainable(load_ctc_model(str(tmp_path / "pre"), processor))  # auto: pretrained -> frozen
+    assert cnn_trainable(load_ctc_model(str(tmp_path / "pre"), processor, freeze_feature_encoder="false"))
+    scratch = load_ctc_model(None, processor, model_preset="tiny")
+    assert cnn_trainable(scratch)  # auto: random -> trained
+    assert scratch.config.mask_time_min_masks == 0 and scratch.lm_head.out_features == len(processor.tokenizer)
+    assert not cnn_trainable(load_ctc_model(None, processor, model_preset="tiny", freeze_feature_encoder=True))
+    with pytest.raises(ValueError, match="model_preset"):
+        load_ctc_model(None, processor)
+    with pytest.raises(ValueError, match="true, false or auto"):
+        load_ctc_model(None, processor, model_preset="tiny", freeze_feature_encoder="sometimes")
+
+
+def test_noise_is_mixed_at_the_true_snr_and_reproducible():
+    rng = np.random.default_rng(0)
+    speech = [rng.standard_normal(8000).astype(np.float32) * 0.1, rng.standard_normal(3000).astype(np.float32)]
+    bank = [rng.standard_normal(n).astype(np.float32) * s for n, s in ((5000, 1.0), (12000, 3.0), (700, 0.2),
+                                                                         (9000, 0.5), (4000, 2.0))]
+    for kind in ("white", "babble"):
+        for snr in (10.0, 0.0):
+            noisy = add_noise(speech, kind, snr, seed=3, babble_bank=bank)
+            for clean, mixed in zip(speech, noisy):
+                noise = mixed - clean
+                measured = 10 * np.log10(np.mean(clean ** 2) / np.mean(noise ** 2))
+                assert abs(measured - snr) < 1e-3
+            again = add_noise(speech, kind, snr, seed=3, babble_bank=bank)
+            assert all(np.array_equal(a, b) for a, b in zip(noisy, again))
+    # babble: the sum of 4 unit-power talkers (not white noise): power 4 when they are uncorrelated
+    b = babble_noise(2000, bank, generator=torch.Generator().manual_seed(0))
+    assert abs(float(b.square().mean()) - 4.0) < 0.6
+    with pytest.raises(ValueError, match="babble_bank"):
+        add_noise(speech, "babble", 5.0)
+    with pytest.raises(ValueError, match="white' or 'babble"):
+        add_noise(speech, "pink", 5.0)
+
+
+def test_low_resource_subset_is_balanced_and_seeded(tmp_path):
+    from data2vec_aqc_hf.experiment import low_resource_subset, per_digit_subset
+
+    rows = read_manifest(DEMO / "metadata.csv")
+    processor = make_processor(build_vocab([r["text"] for r in rows]), tmp_path)
+    data = CTCDataset([r for r in rows if r["speaker_id"] != "fsdd_yweweler"], processor)
+    low = low_resource_subset(data, 20, seed=0)
+    assert len(low) == 60
+    for speaker in ("fsdd_jackson", "fsdd_lucas", "fsdd_nicolas"):
+        texts = [e["text"] for e in low.examples if e["speaker_id"] == speaker]
+        assert sorted(set(texts)) == sorted({r["text"] for r in rows}) and all(texts.count(t) == 2 for t in texts)
+    other = low_resource_subset(data, 20, seed=1)
+    assert {e["name"] for e in other.examples} != {e["name"] for e in low.examples}
+    assert len(per_digit_subset(data, 3)) == 30
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/speech_corpus (the experiment's corpus)")
+def test_experiment_end_to_end_at_toy_scale(tmp_path):
+    """The whole experiment (pretraining, fine-tuning, noisy tests, report) at a toy scale: one fold, one seed,
+    a few updates, the tiny model; checks the report's structure, not the numbers."""
+    from data2vec_aqc_hf.experiment import ExperimentArguments, run_experiment
+
+    args = ExperimentArguments(
+        corpus_dir=str(SHARED), output_dir=str(tmp_path / "exp"), results_md=str(tmp_path / "docs" / "RESULTS.md"),
+        model_preset="tiny", objectives="aqc,none", test_speakers="fsdd_lucas", seeds="0", label_sets="low",
+        low_resource_per_speaker=10, pretrain_steps=3, finetune_steps_low=2, noisy_per_digit=1, snrs="5", jobs=1)
+    report = run_experiment(args)
+    assert {r["init"] for r in report["runs"]} == {"aqc", "none"}
+    run = report["runs"][0]
+    assert set(run["wer"]) == {"clean", "white_5", "babble_5"} and run["num_train"] == 30
+    assert run["test_speaker"] == "fsdd_lucas"
+    markdown = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "| aqc | 1 |" in markdown and "| scratch | 1 |" in markdown
+    assert (tmp_path / "docs" / "fsdd_ssl_results.png").exists()
+    assert (tmp_path / "docs" / "fsdd_ssl_pretrain_aqc.png").exists()
+    assert json.loads((tmp_path / "exp" / "pretrain" / "aqc" / "summary.json").read_text())["steps"] == 3
+    # a second invocation reuses every finished run and pretraining
+    again = run_experiment(args)
+    assert [r["total_seconds"] for r in again["runs"]] == [r["total_seconds"] for r in report["runs"]]
+
+
+def test_quantizer_init_keeps_the_gumbel_softmax_unsaturated():
+    """The default logit-projection init gives unit-std logits on layer-normed features (a soft code distribution
+    the diversity loss can act on); the reference init (std 1.0) gives logits of std sqrt(d), a one-hot softmax."""
+    torch.manual_seed(0)
+    features = torch.nn.functional.layer_norm(torch.randn(4000, 256), (256,))
+
+    def stats(**overrides):
+        model = Data2VecAQCForPreTraining(Data2VecAQCConfig.from_preset("small", **overrides))
+        logits = model.quantizer.weight_proj(features)
+        probs = (logits.view(4000, 2, -1) / 2.0).softmax(-1)  # the initial Gumbel temperature
+        return float(logits.std()), float(probs.max(-1).values.mean())
+
+    std, top = stats()
+    assert abs(std - 1.0) < 0.1 and top < 0.3
+    std, top = stats(quantizer_init_std=1.0)
+    assert abs(std - 16.0) < 1.6 and top > 0.7
