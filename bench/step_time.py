@@ -147,7 +147,7 @@ def backbone_step(config: Data2VecAQCConfig, x, mask, device, autocast):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "base"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0, help="audio per utterance")
     parser.add_argument("--steps", type=int, default=5)

@@ -15,6 +15,7 @@ __all__ = ["Data2VecAQCConfig", "AQC_OBJECTIVES"]
 
 AQC_OBJECTIVES = ("aqc", "data2vec")
 PAPER_UPDATES = 400_000  # the run length the paper's schedule defaults are sized for
+SCHEDULE_FIELDS = ("ema_anneal_steps", "ema_decay_start", "ema_decay_end", "gumbel_temperature_decay")
 
 # Fields that exist only for the self-supervised objective; dropped when exporting a stock data2vec-audio config.
 AQC_ONLY_FIELDS = (
@@ -98,7 +99,7 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
             projection; `None` (default) means 1/sqrt(conv_dim[-1]), i.e. unit-variance logits on the layer-normed
             CNN features. fairseq and transformers use 1.0, which gives logits of std sqrt(conv_dim[-1]) (16-23): a
             saturated softmax. Measured on the `small` preset (300-update runs, docs/RESULTS.md): with 1.0 every
-            codebook group collapsed to a single entry within 20 updates (perplexity 1.0, both contrastive losses
+            codebook group collapsed to a single entry within 20 updates (pretraining diagnostics, issue 7 notes) (perplexity 1.0, both contrastive losses
             exactly 0 because every negative equals its positive), with warm-up 3 % or 10 %, lr 1e-3 or 5e-4,
             diversity weight 0.1 or 1.0; with the default, perplexity 56/64 per group after 60 updates. Set 1.0 for
             the reference initialisation (a loaded checkpoint is unaffected).
@@ -199,8 +200,10 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
         """Rescale the EMA and Gumbel-temperature schedules, in place, from a run of `reference_updates` (the
         paper's 400 k) to one of `total_updates`, keeping each schedule's shape as a fraction of the run:
         `ema_anneal_steps` in proportion, `1 - ema_decay_start/end` (the inverse of the teacher's averaging
-        horizon in updates) inversely, `gumbel_temperature_decay` as `decay ** (reference / total)`. Decays are
-        capped to [0, 1); the identity when `total_updates == reference_updates`."""
+        horizon in updates) inversely, `gumbel_temperature_decay` as `decay ** (reference / total)`. The identity
+        when `total_updates == reference_updates`. Below 1/1000 of the reference (400 updates for the paper's
+        run) `ema_decay_start` would be negative and is clamped to 0: the teacher then starts as a plain copy of
+        the student, and only the later part of the schedule keeps its shape."""
         if total_updates < 1:
             raise ValueError(f"total_updates must be >= 1, got {total_updates}")
         ratio = reference_updates / total_updates
@@ -232,7 +235,7 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
 
 PRESETS: dict[str, dict] = {
     "base": {},
-    # CPU scale (docs/RESULTS.md): 4 post-LN layers of 256, a 7-layer CNN with the base strides (20 ms frames, 400
+    # CPU scale (docs/RESULTS.md, the learning experiment): 4 post-LN layers of 256, a 7-layer CNN with the base strides (20 ms frames, 400
     # sample receptive field) whose early, high-rate layers are narrow (they dominate the cost); no dropout (it
     # kept a model this size on the all-blank CTC plateau); 5-frame mask spans with at least one span, because
     # clips of short words are 10-50 frames (10-frame spans with two forced would mask most of a spoken digit).
@@ -242,7 +245,7 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=4,
         intermediate_size=1024,
         conv_dim=(32, 64, 128, 128, 256, 256, 256),
-        num_conv_pos_embeddings=8,
+        num_conv_pos_embeddings=8,  # 8 grouped positional conv layers (kernel conv_pos_kernel_size=19; base: 5)
         num_conv_pos_embedding_groups=16,
         num_target_layers=3,
         mask_time_length=5,

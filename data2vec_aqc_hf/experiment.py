@@ -29,6 +29,7 @@ import logging
 import math
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,8 @@ class ExperimentArguments:
 
     corpus_dir: str = field(default="../shared/speech_corpus", metadata={"help": "The shared speech corpus."})
     output_dir: str = field(default="outputs/fsdd_ssl", metadata={"help": "Runs, models, plots (resumable)."})
-    results_md: str | None = field(default="docs/RESULTS.md", metadata={"help": "Where to write the report too."})
+    results_md: str = field(default="docs/RESULTS.md", metadata={
+        "help": "Where to copy the report and its plots too (--results_md '' to skip)."})
     model_preset: str = field(default="small", metadata={"help": "Model for every arm."})
     scale: float = field(default=1.0, metadata={
         "help": "Multiply every step count (pretraining and fine-tuning) by this: the same design, larger (e.g. 10 "
@@ -98,7 +100,9 @@ class ExperimentArguments:
         "help": "Runs in parallel, one thread each (a model this small uses 2 cores better as 2 runs than as 1 run "
                 "with 2 threads); 1 on a GPU."})
     snrs: str = field(default="10,5,0", metadata={"help": "SNRs (dB) of the noisy test conditions."})
-    noisy_per_digit: int = field(default=10, metadata={"help": "Test utterances per digit in each noisy condition."})
+    noisy_per_digit: int = field(default=50, metadata={
+        "help": "Test utterances per digit in each noisy condition (50 = all of FSDD's, the clean set; fewer makes "
+                "noisy and clean numbers come from different utterances)."})
 
     def __post_init__(self):
         self.objectives_list = [o.strip() for o in self.objectives.split(",") if o.strip()]
@@ -166,12 +170,32 @@ def per_digit_subset(dataset: CTCDataset, per_text: int) -> CTCDataset:
 
 
 # ----- pretraining ------------------------------------------------------------------------------------------------
+def pretrain_settings(args: ExperimentArguments) -> dict:
+    """What a pretraining run depends on (a finished one is reused only when these match)."""
+    return {k: getattr(args, k) for k in ("model_preset", "scale", "pretrain_steps", "pretrain_learning_rate",
+                                          "pretrain_batch_seconds", "pretrain_max_seconds")}
+
+
+def finetune_settings(args: ExperimentArguments) -> dict:
+    """What a fine-tuning run depends on besides its arm (a finished one is reused only when these match)."""
+    return {**pretrain_settings(args), **{k: getattr(args, k) for k in (
+        "low_resource_per_speaker", "pretrain_on_test_speaker_audio", "finetune_steps_low", "finetune_steps_full",
+        "finetune_learning_rate", "finetune_batch_size", "freeze_feature_encoder", "mask_time_prob",
+        "mask_time_length", "snrs", "noisy_per_digit")}}
+
+
+def _finished(path: Path, settings: dict) -> bool:
+    return path.exists() and json.loads(path.read_text()).get("settings") == json.loads(json.dumps(settings))
+
+
 def pretrain_command(args: ExperimentArguments, objective: str, audio_files: list[str], out_dir: Path):
     """The `python -m data2vec_aqc_hf.pretraining` command (its own process and accelerate state) for one
-    objective, or None when a finished model is already there."""
-    if (out_dir / "summary.json").exists() and (out_dir / "config.json").exists():
+    objective, or None when a finished model with the same settings is already there."""
+    if (out_dir / "summary.json").exists() and _finished(out_dir / "experiment_settings.json",
+                                                         pretrain_settings(args)):
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").unlink(missing_ok=True)
     manifest = out_dir / "pretrain_audio.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.writer(f)
@@ -193,7 +217,7 @@ def run_commands(commands: list[tuple[str, list[str]]], jobs: int, log_dir: Path
     `log_dir/<name>.log`. Raises naming the first that failed."""
     import os
 
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if jobs > 1 else {})}
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if jobs > 1 and len(commands) > 1 else {})}
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running = list(commands), []
     while pending or running:
@@ -254,6 +278,8 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
         "train_loss": trainer.train_result.training_loss,
         "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
+        "threads": torch.get_num_threads(), "num_test": len(test_set), "num_noisy_test": len(noisy_set),
+        "settings": finetune_settings(args),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
@@ -294,8 +320,9 @@ def _worker_run(arm: dict) -> dict:
     train_set = (train_full if labels in ("full", "sanity")
                  else low_resource_subset(train_full, args.low_resource_per_speaker, seed))
     steps = {"full": args.steps(args.finetune_steps_full), "low": args.steps(args.finetune_steps_low),
-             "sanity": args.sanity_steps}[labels]
-    fit_set = train_full if labels == "sanity" else low_resource_subset(train_full, 20, 1234)
+             "sanity": args.steps(args.sanity_steps)}[labels]
+    # fit: WER on utterances the run trained on (all of them for the sanity run, 60 otherwise)
+    fit_set = train_set if labels == "sanity" else low_resource_subset(train_set, 20, 1234)
     return finetune_and_test(
         args, arm["init"], Path(arm["checkpoint"]) if arm["checkpoint"] else None, train_set, test_set,
         per_digit_subset(test_set, args.noisy_per_digit), fit_set,
@@ -309,8 +336,7 @@ def run_experiment(args: ExperimentArguments) -> dict:
     corpus = Path(args.corpus_dir)
     started = time.time()
     fsdd_rows, pretrain_files, babble_files = load_corpus(corpus)
-    texts = [normalize_text(r["text"]) for r in fsdd_rows]
-    processor = make_processor(build_vocab(texts), out / "processor")
+    make_processor(build_vocab([normalize_text(r["text"]) for r in fsdd_rows]), out / "processor")  # for reference
     speakers = sorted({r["speaker_id"] for r in fsdd_rows})
     folds = [s.strip() for s in args.test_speakers.split(",")] if args.test_speakers else speakers
     missing = set(folds) - set(speakers)
@@ -332,6 +358,8 @@ def run_experiment(args: ExperimentArguments) -> dict:
                 commands.append((path.name, cmd))
     print(f"pretraining {len(commands)} model(s), {args.steps(args.pretrain_steps)} updates each", flush=True)
     run_commands(commands, args.jobs, out / "logs")
+    for path in set(pretrained.values()):
+        (path / "experiment_settings.json").write_text(json.dumps({"settings": pretrain_settings(args)}))
 
     # 2-3. fine-tune and test every arm, `jobs` at a time in worker processes
     arms = [dict(seed=seed, fold=fold, labels=labels, init=init) for seed in args.seed_list for fold in folds
@@ -341,7 +369,7 @@ def run_experiment(args: ExperimentArguments) -> dict:
         run_dir = out / "runs" / "{init}-{labels}-{fold}-seed{seed}".format(**arm)
         arm.update(run_dir=str(run_dir), checkpoint=str(pretrained[(arm["init"], arm["fold"])])
                    if arm["init"] != "none" else None)
-        if (run_dir / "result.json").exists():
+        if _finished(run_dir / "result.json", finetune_settings(args)):
             results.append(json.loads((run_dir / "result.json").read_text()))
         else:
             todo.append(arm)
@@ -349,25 +377,34 @@ def run_experiment(args: ExperimentArguments) -> dict:
         arm = dict(seed=0, fold=folds[-1], labels="sanity", init="none", checkpoint=None,
                    run_dir=str(out / "runs" / f"sanity-none-full-{folds[-1]}"))
         arms.append(arm)
-        if (Path(arm["run_dir"]) / "result.json").exists():
+        path = Path(arm["run_dir"]) / "result.json"
+        if _finished(path, finetune_settings(args)) and json.loads(path.read_text())["steps"] == args.steps(
+                args.sanity_steps):
             results.append(json.loads((Path(arm["run_dir"]) / "result.json").read_text()))
         else:
             todo.insert(0, arm)  # the longest run first
     print(f"{len(arms)} fine-tuning runs ({len(arms) - len(todo)} already done), {args.jobs} at a time", flush=True)
-    from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(asdict(args), 1 if args.jobs > 1 else 0)) as pool:
-        futures = [pool.submit(_worker_run, arm) for arm in todo]
-        for done, future in enumerate(as_completed(futures), 1):
-            result = future.result()
-            results.append(result)
-            print(f"[{len(results)}/{len(arms)}] {result['init']:8s} {result['labels']:4s} test "
-                  f"{result['test_speaker']} seed {result['seed']}: WER clean {100 * result['wer']['clean']:.1f} %, "
-                  + ", ".join(f"{k} {100 * v:.1f}" for k, v in result["wer"].items() if k != "clean")
-                  + f"; training speakers {100 * result['train_fit_wer']:.1f} % ({result['total_seconds']:.0f} s; "
-                  f"elapsed {(time.time() - started) / 60:.1f} min)", flush=True)
+    if todo:
+        pool = ProcessPoolExecutor(max_workers=min(args.jobs, len(todo)),
+                                   mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(asdict(args), 1 if args.jobs > 1 else 0))
+        try:
+            futures = [pool.submit(_worker_run, arm) for arm in todo]
+            for future in as_completed(futures):
+                result = future.result()
+                results.append(result)
+                print(f"[{len(results)}/{len(arms)}] {result['init']:8s} {result['labels']:6s} test "
+                      f"{result['test_speaker']} seed {result['seed']}: WER clean {100 * result['wer']['clean']:.1f} %, "
+                      + ", ".join(f"{k} {100 * v:.1f}" for k, v in result["wer"].items() if k != "clean")
+                      + f"; training speakers {100 * result['train_fit_wer']:.1f} % ({result['total_seconds']:.0f} s;"
+                      f" elapsed {(time.time() - started) / 60:.1f} min)", flush=True)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
     # 4. report
     sanity = [r for r in results if r["labels"] == "sanity"]
@@ -376,12 +413,12 @@ def run_experiment(args: ExperimentArguments) -> dict:
     report = {"arguments": {k: v for k, v in asdict(args).items()}, "summary": summary, "runs": results,
               "sanity": sanity[0] if sanity else None,
               "machine": machine_description(), "wall_minutes": round((time.time() - started) / 60, 1),
-              "pretraining": {o: json.loads((p / "summary.json").read_text())
-                              for (o, _), p in sorted(pretrained.items())}}
+              "pretraining": {p.name: json.loads((p / "summary.json").read_text())
+                              for p in sorted(set(pretrained.values()))}}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     plot_results(summary, args, out / "results.png")
     markdown = results_markdown(report, args, out)
-    (out / "RESULTS.md").write_text(markdown)
+    (out / "RESULTS.md").write_text(re.sub(r"\(pretrain_([^)]+)\.png\)", r"(pretrain/\1/loss.png)", markdown))
     if args.results_md:
         target = Path(args.results_md)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -441,7 +478,8 @@ def plot_results(summary: dict, args: ExperimentArguments, path: Path) -> None:
         for k, init in enumerate(inits):
             wer = summary[labels][init]["wer"]
             xs = [i + (k - (len(inits) - 1) / 2) * width for i in range(len(names))]
-            ax.bar(xs, [100 * wer[c]["mean"] for c in names], width, yerr=[100 * wer[c]["std"] for c in names],
+            ax.bar(xs, [100 * wer[c]["mean"] if c in wer else 0.0 for c in names], width,
+                   yerr=[100 * wer[c]["std"] if c in wer else 0.0 for c in names],
                    capsize=2, label="scratch" if init == "none" else init)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30)
@@ -460,9 +498,11 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
     lines = [
         "# Learning experiment: does pretraining help on unseen speakers? (FSDD, CPU scale)",
         "",
-        f"Written by `python training/experiments/fsdd_ssl.py` (`--scale {args.scale:g}`) on {report['machine']}; "
-        f"{report['wall_minutes']} min wall clock. Numbers are from that run; CPU results differ slightly across "
-        "machines and thread counts.",
+        f"Written by `python training/experiments/fsdd_ssl.py` (`--scale {args.scale:g}`) on {report['machine']}, "
+        f"{args.jobs} run(s) at a time with {sorted({r.get('threads', '?') for r in report['runs']})} thread(s) each; "
+        f"{report['wall_minutes']} min wall clock for the last invocation (finished runs are reused); one run takes "
+        f"{np.mean([r['total_seconds'] for r in report['runs']]) / 60:.1f} min on average. Numbers are from that run; "
+        "CPU results differ slightly across machines and thread counts.",
         "",
         f"Design: model preset `{args.model_preset}`; pretraining {args.steps(args.pretrain_steps)} updates per "
         f"objective (lr {args.pretrain_learning_rate:g}, {args.pretrain_batch_seconds:g} s of padded audio per batch) "
@@ -470,15 +510,17 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
         + ("*including the test speaker's audio, never its transcripts*" if args.pretrain_on_test_speaker_audio
            else "without the test speaker") +
         f". CTC fine-tuning: `low` = {args.low_resource_per_speaker} utterances per training speaker "
-        f"({args.steps(args.finetune_steps_low)} updates), `full` = all 500 per speaker "
+        f"({args.steps(args.finetune_steps_low)} updates), `full` = all of them (500 per speaker) "
         f"({args.steps(args.finetune_steps_full)} updates); batch {args.finetune_batch_size}, lr "
         f"{args.finetune_learning_rate:g}, time masking {args.mask_time_prob:g} x {args.mask_time_length} frames, CNN "
         f"{'frozen' if args.freeze_feature_encoder else 'trained'}; the same recipe for every initialisation, no "
         "checkpoint selection. Test: the held-out speaker, rotated over "
-        f"{len({r['test_speaker'] for r in report['runs']})} speakers, seeds {args.seeds}; clean = all 500 "
-        f"utterances, noisy = {10 * args.noisy_per_digit} (white Gaussian, or babble of 4 LibriSpeech test-other "
+        f"{len({r['test_speaker'] for r in report['runs']})} speakers, seeds {args.seeds}; clean = all "
+        f"{report['runs'][0].get('num_test', '?')} utterances of the speaker, noisy = "
+        f"{report['runs'][0].get('num_noisy_test', '?')} (white Gaussian, or babble of 4 LibriSpeech test-other "
         "talkers never used in pretraining). Greedy CTC decoding, no LM.",
         "",
+        *reduced_design_note(report, args),
         "## WER on the unseen speaker (%), mean ± std over folds x seeds",
         "",
     ]
@@ -487,7 +529,8 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
                   "| init | runs | " + " | ".join(names) + " | training speakers |",
                   "|---|---:|" + "---:|" * (len(names) + 1)]
         for init, entry in summary[labels].items():
-            cells = [f"{100 * entry['wer'][c]['mean']:.1f} ± {100 * entry['wer'][c]['std']:.1f}" for c in names]
+            cells = [f"{100 * entry['wer'][c]['mean']:.1f} ± {100 * entry['wer'][c]['std']:.1f}"
+                     if c in entry["wer"] else "n/a" for c in names]
             fit = entry["train_fit_wer"]
             lines.append(f"| {'scratch' if init == 'none' else init} | {entry['n']} | " + " | ".join(cells)
                          + f" | {100 * fit['mean']:.1f} |")
@@ -499,7 +542,7 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
                      f"{sanity['steps']} updates, WER on those training utterances <= 5 %: "
                      f"{100 * sanity['train_fit_wer']:.1f} % -> {'met' if sanity['train_fit_wer'] <= 0.05 else 'NOT met'}"
                      f" (unseen {sanity['test_speaker']}: {100 * sanity['wer']['clean']:.1f} %; "
-                     f"{sanity['train_seconds'] / 60:.1f} min on one thread)")
+                     f"{sanity['train_seconds'] / 60:.1f} min with {sanity.get('threads', '?')} thread(s))")
     lines += target_lines(summary, names)
     lines += ["", "## Pretraining diagnostics", ""]
     for objective, info in report["pretraining"].items():
@@ -519,6 +562,18 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
                      f"{100 * r['wer']['clean']:.1f} | {100 * noisy:.1f} | {100 * r['train_fit_wer']:.1f} | "
                      f"{r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def reduced_design_note(report: dict, args: ExperimentArguments) -> list[str]:
+    """A warning paragraph when the run covered less than the full design (4 folds, 2 seeds, both label sets)."""
+    folds = sorted({r["test_speaker"] for r in report["runs"]})
+    seeds = sorted({r["seed"] for r in report["runs"]})
+    labels = sorted({r["labels"] for r in report["runs"]})
+    if len(folds) >= 4 and len(seeds) >= 2 and len(labels) == 2:
+        return []
+    return [f"**Reduced design**: this run covers test speaker(s) {', '.join(folds)}, seed(s) "
+            f"{', '.join(map(str, seeds))} and the `{'`, `'.join(labels)}` labelled set(s) only, not the full design "
+            "(4 folds x 2 seeds x low and full); a mean over one run has no spread.", ""]
 
 
 def target_lines(summary: dict, names: list[str]) -> list[str]:
@@ -550,6 +605,8 @@ def target_lines(summary: dict, names: list[str]) -> list[str]:
         parts = [f"clean {100 * aqc:.1f} vs {100 * d2v:.1f}"]
         for cond in [c for c in names if c.endswith(("_5", "_0"))]:
             a, d = mean(labels, "aqc", cond), mean(labels, "data2vec", cond)
+            if a is None or d is None:
+                continue
             parts.append(f"{cond} {100 * a:.1f} vs {100 * d:.1f} ({'better' if a < d else 'not better'})")
         lines.append(f"* `{labels}`: AQC vs data2vec (AQC should match clean, beat at 5 and 0 dB): " + "; ".join(parts))
     return lines

@@ -173,8 +173,8 @@ class CTCCollator:
 
 
 class FreezeTransformerCallback(TrainerCallback):
-    """Keep the transformer (everything but the CNN, which stays frozen, and `lm_head`) frozen for the first
-    `steps` updates (fairseq `freeze_finetune_updates`)."""
+    """Keep the transformer (everything but the CNN, whose freezing is `freeze_feature_encoder`'s business, and
+    `lm_head`) frozen for the first `steps` updates (fairseq `freeze_finetune_updates`)."""
 
     def __init__(self, model, steps: int):
         self.model, self.steps = model, steps

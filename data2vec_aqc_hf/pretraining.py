@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import Wav2Vec2FeatureExtractor
 
 from .audio import TARGET_SAMPLING_RATE
-from .configuration_data2vec_aqc import Data2VecAQCConfig
+from .configuration_data2vec_aqc import SCHEDULE_FIELDS, Data2VecAQCConfig
 from .data import (
     DataStats,
     PretrainingStream,
@@ -47,7 +47,8 @@ class PretrainingArguments:
 
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "Where checkpoints and the model go."})
     # model
-    model_preset: str = field(default="base", metadata={"help": "Config preset: 'base' (paper, 95M) or 'tiny'."})
+    model_preset: str = field(default="base", metadata={
+        "help": "Config preset: 'base' (the paper's model), 'small' (4.3M, learns on 2 CPU cores) or 'tiny' (tests)."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Start from this checkpoint."})
     config_overrides: str | None = field(default=None, metadata={"help": "JSON dict of config fields to change."})
     objective: str = field(default="aqc", metadata={"help": "'aqc' or 'data2vec' (ablation)."})
@@ -84,7 +85,8 @@ class PretrainingArguments:
                                                                          "the schedule still spans max_steps."})
     scale_schedules_to_run: bool = field(default=True, metadata={
         "help": "Size the EMA-decay and Gumbel-temperature schedules to this run's length (the config defaults are "
-                "for the paper's 400k updates; identical there). Applies to a model built from --model_preset; a loaded "
+                "for the paper's 400k updates; identical there). Applies to a model built from --model_preset (fields "
+                "set in --config_overrides are kept as given); a loaded "
                 "--model_name_or_path keeps the schedules saved in its config. See Data2VecAQCConfig.scale_schedules_to."})
     gradient_accumulation_steps: int = 1
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (the teacher stays fp32)."})
@@ -349,7 +351,11 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                                                args.dataloader_num_workers, args.gradient_accumulation_steps)
         accelerator.print(f"{args.num_train_epochs} epoch(s) of {description}: {schedule_steps} updates")
     if args.scale_schedules_to_run and not args.model_name_or_path:
+        explicit = set(json.loads(args.config_overrides)) if args.config_overrides else set()
+        kept = {k: getattr(model.config, k) for k in explicit & set(SCHEDULE_FIELDS)}
         model.config.scale_schedules_to(schedule_steps)
+        for key, value in kept.items():  # values given in --config_overrides are taken as they are
+            setattr(model.config, key, value)
         c = model.config
         accelerator.print(f"schedules sized to {schedule_steps} updates: EMA {c.ema_decay_start:.4f} -> "
                           f"{c.ema_decay_end:.5f} over {c.ema_anneal_steps} updates, Gumbel temperature x"

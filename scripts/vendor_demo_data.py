@@ -37,3 +37,7 @@ with open(dst / "provenance.csv", "w", newline="") as f:
     w.writeheader()
     w.writerows(prov[r["file_name"]] for r in picked + unlabeled)
 print(len(picked), "labelled,", len(unlabeled), "unlabelled files")
+with open(dst / "pretrain_audio.csv", "w", newline="") as f:  # the demo's pretraining audio: everything, no labels
+    w = csv.writer(f)
+    w.writerow(["file_name"])
+    w.writerows([r["file_name"]] for r in unlabeled + picked)

@@ -152,12 +152,13 @@ def test_experiment_end_to_end_at_toy_scale(tmp_path):
     args = ExperimentArguments(
         corpus_dir=str(SHARED), output_dir=str(tmp_path / "exp"), results_md=str(tmp_path / "docs" / "RESULTS.md"),
         model_preset="tiny", objectives="aqc,none", test_speakers="fsdd_lucas", seeds="0", label_sets="low",
-        low_resource_per_speaker=10, pretrain_steps=3, finetune_steps_low=2, noisy_per_digit=1, snrs="5", jobs=1)
+        low_resource_per_speaker=10, pretrain_steps=3, finetune_steps_low=2, noisy_per_digit=1, snrs="5", jobs=1,
+        sanity_steps=0)
     report = run_experiment(args)
     assert {r["init"] for r in report["runs"]} == {"aqc", "none"}
     run = report["runs"][0]
     assert set(run["wer"]) == {"clean", "white_5", "babble_5"} and run["num_train"] == 30
-    assert run["test_speaker"] == "fsdd_lucas"
+    assert run["test_speaker"] == "fsdd_lucas" and run["num_test"] == 500 and run["num_noisy_test"] == 10
     markdown = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "| aqc | 1 |" in markdown and "| scratch | 1 |" in markdown
     assert (tmp_path / "docs" / "fsdd_ssl_results.png").exists()
@@ -166,6 +167,10 @@ def test_experiment_end_to_end_at_toy_scale(tmp_path):
     # a second invocation reuses every finished run and pretraining
     again = run_experiment(args)
     assert [r["total_seconds"] for r in again["runs"]] == [r["total_seconds"] for r in report["runs"]]
+    # ... unless a setting it depends on changed
+    args.finetune_steps_low = 3
+    changed = run_experiment(args)
+    assert {r["steps"] for r in changed["runs"]} == {3}
 
 
 def test_quantizer_init_keeps_the_gumbel_softmax_unsaturated():
