@@ -412,7 +412,7 @@ def run_experiment(args: ExperimentArguments) -> dict:
     summary = summarize(results, conditions(args.snr_list))
     report = {"arguments": {k: v for k, v in asdict(args).items()}, "summary": summary, "runs": results,
               "sanity": sanity[0] if sanity else None,
-              "machine": machine_description(), "wall_minutes": round((time.time() - started) / 60, 1),
+              "machine": machine_description(), "command": " ".join(["python", *sys.argv]), "wall_minutes": round((time.time() - started) / 60, 1),
               "pretraining": {p.name: json.loads((p / "summary.json").read_text())
                               for p in sorted(set(pretrained.values()))}}
     (out / "results.json").write_text(json.dumps(report, indent=1))
@@ -498,7 +498,7 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
     lines = [
         "# Learning experiment: does pretraining help on unseen speakers? (FSDD, CPU scale)",
         "",
-        f"Written by `python training/experiments/fsdd_ssl.py` (`--scale {args.scale:g}`) on {report['machine']}, "
+        f"Written by `{report['command']}` on {report['machine']}, "
         f"{args.jobs} run(s) at a time with {sorted({r.get('threads', '?') for r in report['runs']})} thread(s) each; "
         f"{report['wall_minutes']} min wall clock for the last invocation (finished runs are reused); one run takes "
         f"{np.mean([r['total_seconds'] for r in report['runs']]) / 60:.1f} min on average. Numbers are from that run; "
