@@ -94,6 +94,9 @@ class ExperimentArguments:
                 "WER on all their training utterances (the recipe can fit its data); 0 skips it."})
     freeze_feature_encoder: bool = field(default=False, metadata={
         "help": "Freeze the CNN when fine-tuning pretrained models (scratch always trains it)."})
+    freeze_transformer_steps: int = field(default=0, metadata={
+        "help": "Train only the CNN and lm_head for the first updates of every fine-tuning (fairseq's "
+                "freeze_finetune_updates; the paper freezes half the run)."})
     mask_time_prob: float = 0.05
     mask_time_length: int = 4
     jobs: int = field(default=2, metadata={
@@ -180,7 +183,8 @@ def finetune_settings(args: ExperimentArguments) -> dict:
     """What a fine-tuning run depends on besides its arm (a finished one is reused only when these match)."""
     return {**pretrain_settings(args), **{k: getattr(args, k) for k in (
         "low_resource_per_speaker", "pretrain_on_test_speaker_audio", "finetune_steps_low", "finetune_steps_full",
-        "finetune_learning_rate", "finetune_batch_size", "freeze_feature_encoder", "mask_time_prob",
+        "finetune_learning_rate", "finetune_batch_size", "freeze_feature_encoder", "freeze_transformer_steps",
+        "mask_time_prob",
         "mask_time_length", "snrs", "noisy_per_digit")}}
 
 
@@ -261,7 +265,8 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
         eval_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length", disable_tqdm=True,
     )
-    trainer = train_ctc(model, processor, train_set, None, training_args, print_logs=False)
+    trainer = train_ctc(model, processor, train_set, None, training_args, args.freeze_transformer_steps,
+                        print_logs=False)
     model = trainer.model
     train_seconds = time.time() - start
     metrics = {"clean": evaluate_rows(model, processor, test_set)}
