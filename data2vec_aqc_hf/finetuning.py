@@ -272,16 +272,22 @@ def masked_time_fraction(config, frame_counts: list[int], seed: int = 0) -> floa
 
 
 def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: int = 8) -> list[str]:
-    """Greedy CTC transcripts of 16 kHz arrays."""
+    """Greedy CTC transcripts of 16 kHz arrays, in their order. Batches are formed from length-sorted arrays:
+    data2vec-audio's stacked positional convolutions carry padding into the valid frames (each layer after the
+    first reads the previous layer's non-zero outputs at padded positions), so less padding means transcripts
+    closer to unpadded, one-at-a-time decoding."""
     model.eval()
-    out = []
-    for i in range(0, len(arrays), batch_size):
-        batch = processor.feature_extractor(arrays[i : i + batch_size], sampling_rate=TARGET_SAMPLING_RATE,
+    order = sorted(range(len(arrays)), key=lambda i: len(arrays[i]))
+    out: list[str | None] = [None] * len(arrays)
+    for start in range(0, len(order), batch_size):
+        ids = order[start : start + batch_size]
+        batch = processor.feature_extractor([arrays[i] for i in ids], sampling_rate=TARGET_SAMPLING_RATE,
                                             padding=True, return_attention_mask=True, return_tensors="pt")
         with torch.no_grad():
             logits = model(batch["input_values"].float().to(model.device),
                            attention_mask=batch["attention_mask"].to(model.device)).logits
-        out += decode_predictions(processor, logits.float().cpu().numpy())
+        for i, text in zip(ids, decode_predictions(processor, logits.float().cpu().numpy())):
+            out[i] = text
     return out
 
 

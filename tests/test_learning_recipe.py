@@ -190,3 +190,31 @@ def test_quantizer_init_keeps_the_gumbel_softmax_unsaturated():
     assert abs(std - 1.0) < 0.1 and top < 0.3
     std, top = stats(quantizer_init_std=1.0)
     assert abs(std - 16.0) < 1.6 and top > 0.7
+
+
+def test_padding_leaks_through_stacked_positional_convs_and_sorted_batches_limit_it(tmp_path):
+    """transformers' data2vec-audio applies several positional conv layers; after the first, padded positions are
+    non-zero and leak into the valid frames, so a clip's logits depend on its batch-mates' lengths (exact with one
+    layer). `transcribe_arrays` batches length-sorted arrays (less padding) and returns them in input order."""
+    from data2vec_aqc_hf.finetuning import transcribe_arrays
+    from data2vec_aqc_hf.modeling_data2vec_aqc import Data2VecAQCForCTC
+
+    torch.manual_seed(0)
+    short, long = torch.randn(1, 8000), torch.randn(1, 24000)
+    x = torch.zeros(2, 24000)
+    x[0, :8000], x[1] = short, long
+    mask = torch.zeros(2, 24000, dtype=torch.long)
+    mask[0, :8000], mask[1] = 1, 1
+    for layers, leaks in ((1, False), (5, True)):
+        model = Data2VecAQCForCTC(tiny_config(num_conv_pos_embeddings=layers, vocab_size=12)).eval()
+        with torch.no_grad():
+            alone = model(short).logits[0]
+            padded = model(x, attention_mask=mask).logits[0, : alone.shape[0]]
+        assert ((alone - padded).abs().max() > 1e-3) == leaks
+    processor = make_processor(build_vocab(["ONE TWO THREE"]), tmp_path)
+    model = Data2VecAQCForCTC(tiny_config(vocab_size=len(processor.tokenizer)))
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (9000, 3000, 15000, 5000, 3100)]
+    forward = transcribe_arrays(model, processor, arrays, batch_size=2)
+    backward = transcribe_arrays(model, processor, arrays[::-1], batch_size=2)
+    assert forward == backward[::-1]
