@@ -20,6 +20,8 @@ SCHEDULE_FIELDS = ("ema_anneal_steps", "ema_decay_start", "ema_decay_end", "gumb
 # Fields that exist only for the self-supervised objective; dropped when exporting a stock data2vec-audio config.
 AQC_ONLY_FIELDS = (
     "objective",
+    "mask_require_same_masks",
+    "feature_grad_mult",
     "ema_decay_start",
     "ema_decay_end",
     "ema_anneal_steps",
@@ -65,6 +67,16 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
         objective (`str`, defaults to `"aqc"`): `"aqc"` is the full data2vec-aqc objective; `"data2vec"` is plain
             data2vec v1 (regression only: no augmentation, quantizer, contrastive losses or clustering), the
             paper's ablation.
+
+    Masking (spec 1; every transformers masking field keeps its meaning):
+        mask_require_same_masks (`bool`, False): trim every utterance's student mask to the batch's smallest
+            number of masked frames (fairseq's `require_same_masks`, on in the authors' recipe, with
+            `mask_time_min_masks=1`; `convert.py` sets both for their checkpoints). Off by default: with
+            utterances of very different lengths it unmasks most of the long ones.
+
+    Feature encoder:
+        feature_grad_mult (`float`, 1.0): scale of the gradient that reaches the CNN from the losses (fairseq's
+            `feature_grad_mult`; data2vec and data2vec-aqc use 1.0, wav2vec 2.0 0.1).
 
     Teacher (spec 2, data2vec v1):
         ema_decay_start (`float`, 0.999), ema_decay_end (`float`, 0.9999), ema_anneal_steps (`int`, 30000): EMA
@@ -141,6 +153,8 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
     activation_dropout: float | int = 0.0
 
     objective: str = "aqc"
+    mask_require_same_masks: bool = False
+    feature_grad_mult: float | int = 1.0
     # teacher
     ema_decay_start: float = 0.999
     ema_decay_end: float = 0.9999

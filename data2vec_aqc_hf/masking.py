@@ -19,8 +19,11 @@ def compute_span_mask(
     min_masks: int = 0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    require_same_masks: bool = False,
 ) -> torch.BoolTensor:
-    """Boolean `(batch, frames)` span mask; frames at or beyond `frame_lengths[b]` are never masked."""
+    """Boolean `(batch, frames)` span mask; frames at or beyond `frame_lengths[b]` are never masked.
+    `require_same_masks`: trim every row to the batch's smallest masked-frame count (fairseq's option, on in the
+    data2vec recipes; see `trim_to_fewest_masked`)."""
     batch, frames = shape
     if mask_length < 1:
         raise ValueError(f"mask_length must be >= 1, got {mask_length}")
@@ -48,7 +51,20 @@ def compute_span_mask(
     # dilate each start into a span of `mask_length` frames: frame t is masked if a start lies in (t-span, t]
     covered = starts.cumsum(dim=1)
     shifted = torch.nn.functional.pad(covered, (mask_length, 0))[:, :frames]
-    return (covered - shifted) > 0
+    mask = (covered - shifted) > 0
+    if require_same_masks:
+        mask = trim_to_fewest_masked(mask, generator)
+    return mask
+
+
+def trim_to_fewest_masked(mask: torch.BoolTensor, generator: torch.Generator | None = None) -> torch.BoolTensor:
+    """fairseq's `require_same_masks`: every row keeps the batch's smallest number of masked frames, the frames
+    it keeps drawn uniformly without replacement among its masked frames (`np.random.choice(..., replace=False)`
+    in fairseq's `compute_mask_indices`)."""
+    fewest = mask.sum(dim=1).min()
+    scores = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~mask, 2.0)
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return mask & (ranks < fewest)
 
 
 def sample_negative_indices(

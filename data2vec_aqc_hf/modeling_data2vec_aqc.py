@@ -149,12 +149,13 @@ class Data2VecAQCForPreTrainingOutput(ModelOutput):
         regression_loss: sum over masked frames of ||pred - target||^2 * scale, divided by N_masked.
         student_contrastive_loss: L_s summed over masked frames / N_masked (student vs clean codes).
         teacher_contrastive_loss: L_t summed over masked frames / N_masked (teacher vs augmented codes).
-        diversity_loss: (G*V - perplexity) / (G*V) over the masked frames of both views.
+        diversity_loss: (G*V - perplexity) / (G*V) over the clean view's masked frames (the authors' code).
         feature_penalty: mean square of the clean view's CNN features (valid frames).
         num_masked_frames: N_masked.
         target_std / prediction_std: std over masked frames per channel, averaged over channels (collapse -> 0).
-        codebook_perplexity: perplexity of each codebook group `(G,)`.
-        gumbel_temperature / ema_decay: the schedules' current values.
+        codebook_perplexity: perplexity of each codebook group `(G,)` (clean view, masked frames).
+        gumbel_temperature: the current Gumbel temperature. ema_decay: the decay of the EMA step that made the
+            current teacher (decay(num_updates)).
         mask_time_indices: the student's mask `(batch, frames)`.
         last_hidden_state: the student's last hidden state `(batch, frames, hidden)`.
     """
@@ -173,6 +174,13 @@ class Data2VecAQCForPreTrainingOutput(ModelOutput):
     ema_decay: torch.FloatTensor | None = None
     mask_time_indices: torch.BoolTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; the gradient flowing back through it is multiplied by `factor` (fairseq's GradMultiply)."""
+    if factor == 1.0:
+        return x
+    return x * factor + x.detach() * (1.0 - factor)
 
 
 def masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -237,11 +245,13 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
 
     @torch.no_grad()
     def update_teacher(self) -> float:
-        """EMA step `teacher <- tau teacher + (1 - tau) student` (positional conv copied, not averaged), then
-        `num_updates += 1`. Call after every optimizer step. Returns the tau used."""
+        """`num_updates += 1`, then the EMA step `teacher <- tau teacher + (1 - tau) student` with
+        tau = decay(num_updates) (positional conv copied, not averaged). Call after every optimizer step. As the
+        authors' code: after its k-th update fairseq calls `set_num_updates(k)`, which steps the EMA with decay(k).
+        Returns the tau used (also what the next forward reports as `ema_decay`)."""
+        self.num_updates += 1
         decay = float(self.current_ema_decay())
         ema_update_(self.teacher, self.data2vec_audio.encoder, decay, copy_prefixes=("pos_conv_embed.",))
-        self.num_updates += 1
         return decay
 
     @torch.no_grad()
@@ -282,6 +292,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         cluster_labels: torch.LongTensor | None = None,
         deterministic_quantizer: bool | None = None,
         generator: torch.Generator | None = None,
+        normalize_inputs: bool = True,
         return_dict: bool | None = None,
         **kwargs,
     ) -> Data2VecAQCForPreTrainingOutput:
@@ -299,6 +310,8 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         deterministic_quantizer (`bool`, optional): hard arg-max codes without Gumbel noise (default: eval mode).
         generator (`torch.Generator`, optional): the source of every random draw of the step (on the inputs'
             device), making a step reproducible from a seed.
+        normalize_inputs (`bool`, True): normalise each view per utterance here. False: the views are used as
+            given (e.g. normalised over the full utterance before cropping, as the authors' data loader does).
         """
         config = self.config
         validate_input_values(input_values, attention_mask, config)
@@ -307,7 +320,8 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
                         else torch.ones_like(input_values, dtype=torch.bool))
 
         # 1. the two views: clean (teacher, clean quantizer view) and augmented (student); each normalised
-        clean = normalize_waveform(input_values.float(), sample_valid)
+        normalize = normalize_waveform if normalize_inputs else (lambda values, valid: values * valid)
+        clean = normalize(input_values.float(), sample_valid)
         if config.use_aqc:
             if augmented_input_values is None:
                 augmented_input_values = self.augmenter(input_values, sample_valid, generator)
@@ -316,18 +330,19 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
                     f"augmented_input_values shape {tuple(augmented_input_values.shape)} differs from "
                     f"input_values {tuple(input_values.shape)}"
                 )
-            student_view = normalize_waveform(augmented_input_values.float(), sample_valid)
+            student_view = normalize(augmented_input_values.float(), sample_valid)
         else:
             student_view = clean
 
         # 2. CNN features of each view; frame-level padding mask
         backbone = self.data2vec_audio
-        student_features = backbone.feature_extractor(student_view).transpose(1, 2)
+        student_features = scale_gradient(backbone.feature_extractor(student_view).transpose(1, 2),
+                                          config.feature_grad_mult)
         frames = student_features.shape[1]
         frame_valid = (backbone._get_feature_vector_attention_mask(frames, attention_mask)
                        if attention_mask is not None else None)
-        clean_features = (backbone.feature_extractor(clean).transpose(1, 2) if config.use_aqc
-                          else student_features)
+        clean_features = (scale_gradient(backbone.feature_extractor(clean).transpose(1, 2), config.feature_grad_mult)
+                          if config.use_aqc else student_features)
 
         # 3. span mask (student only)
         if mask_time_indices is None:
@@ -335,6 +350,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
             mask_time_indices = compute_span_mask(
                 (batch, frames), config.mask_time_prob, config.mask_time_length, frame_lengths,
                 config.mask_time_min_masks, generator, device=input_values.device,
+                require_same_masks=config.mask_require_same_masks,
             )
         mask = mask_time_indices.to(torch.bool)
         if frame_valid is not None:
@@ -385,11 +401,12 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         config = self.config
         batch, frames = mask.shape
 
-        # quantize both views' CNN features in one call; diversity over the masked frames of both
+        # quantize both views' CNN features in one call; the diversity loss and the perplexity use the clean view's
+        # masked frames only, as the authors' code (its `prob_perplexity` comes from the clean view's quantizer call)
         temperature = self.current_gumbel_temperature().to(clean_norm.device)
         codes, soft_probs = self.quantizer(torch.cat([clean_norm, student_norm]), temperature,
                                            deterministic_quantizer, generator)
-        marginal = masked_mean_probs(soft_probs, torch.cat([mask, mask]))
+        marginal = masked_mean_probs(soft_probs[:batch], mask)
         quantized = self.project_q(codes)
         quantized_clean, quantized_aug = quantized[:batch], quantized[batch:]
 

@@ -223,15 +223,32 @@ def health_warnings(out, step: int) -> dict[str, str]:
     warnings = {}
     if out.target_std is not None and float(out.target_std) < 0.01:
         warnings["target"] = f"step {step}: target std {float(out.target_std):.4f} < 0.01 (representation collapse?)"
+    rank = effective_rank(out.last_hidden_state) if out.last_hidden_state is not None else None
+    if rank is not None and rank < 10.0:
+        warnings["rank"] = (f"step {step}: the student's last hidden state uses {rank:.1f} effective dimensions "
+                            f"(dimensional collapse? a teacher that follows the student too closely, see "
+                            f"ema_decay_start/end)")
     if out.codebook_perplexity is not None and float(out.codebook_perplexity.min()) < 2.0:
         ppl = [round(v, 2) for v in out.codebook_perplexity.tolist()]
         warnings["codebook"] = f"step {step}: codebook perplexity {ppl} < 2 in a group (codebook collapse?)"
     return warnings
 
 
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the normalised squared singular values of `x` `(..., dim)` centred over its rows: how many
+    directions the representation really uses (Roy and Vetterli 2007). Instance-normalised targets keep unit
+    std per channel even when all channels move together, so `target_std` cannot see this dimensional collapse."""
+    rows = x.detach().float().reshape(-1, x.shape[-1])
+    singular = torch.linalg.svdvals(rows - rows.mean(0))
+    share = singular.square() / singular.square().sum().clamp(min=1e-12)
+    return float(torch.exp(-(share * torch.log(share.clamp(min=1e-12))).sum()))
+
+
 def scalar_logs(out, lr: float) -> dict[str, float]:
     """Every loss term and diagnostic of the output as floats."""
     logs = {}
+    if out.last_hidden_state is not None:
+        logs["representation_rank"] = effective_rank(out.last_hidden_state)
     for key in ("loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss", "diversity_loss",
                 "feature_penalty", "target_std", "prediction_std", "gumbel_temperature", "ema_decay",
                 "num_masked_frames"):
@@ -248,6 +265,7 @@ def scalar_logs(out, lr: float) -> dict[str, float]:
 DIAGNOSTIC_PANELS = [
     ("loss", ["loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss"]),
     ("std over masked frames (collapse -> 0)", ["target_std", "prediction_std"]),
+    ("effective rank of the student's output (dimensional collapse -> few)", ["representation_rank"]),
     ("codebook perplexity per group", ["codebook_perplexity_0", "codebook_perplexity_1", "codebook_perplexity_2",
                                        "codebook_perplexity_3"]),
     ("schedules", ["gumbel_temperature", "ema_decay", "learning_rate_relative"]),

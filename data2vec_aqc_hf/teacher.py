@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -64,13 +66,12 @@ class FeedForwardRecorder:
 
     def __init__(self, modules: list[nn.Module]):
         self.outputs: list[torch.Tensor | None] = [None] * len(modules)
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+        # hooks are bound methods (not closures): `copy.deepcopy` and pickling of the model then carry a recorder
+        # attached to the copy's own teacher
+        self.handles = [m.register_forward_hook(functools.partial(self._record, i)) for i, m in enumerate(modules)]
 
-    def _hook(self, index: int):
-        def hook(module, args, output):
-            self.outputs[index] = output
-
-        return hook
+    def _record(self, index: int, module, args, output):
+        self.outputs[index] = output
 
     def pop(self) -> list[torch.Tensor]:
         outputs, self.outputs = self.outputs, [None] * len(self.outputs)

@@ -1,4 +1,6 @@
 import csv
+import subprocess
+import textwrap
 import os
 import sys
 from pathlib import Path
@@ -73,3 +75,21 @@ def random_ctc_dir(tmp_path_factory):
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def run_without_package(code: str, cwd):
+    """Run `code` in a fresh interpreter where `import data2vec_aqc_hf` fails."""
+    prelude = textwrap.dedent("""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "data2vec_aqc_hf" or name.startswith("data2vec_aqc_hf."):
+                    raise ImportError("blocked for this test")
+        sys.meta_path.insert(0, Block())
+        sys.path = [p for p in sys.path if p not in ("", ".")]
+    """)
+    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, capture_output=True,
+                            text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                            "HF_MODULES_CACHE": str(cwd / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import DEMO, ROOT, tiny_config
-from test_modeling import _run_without_package
+from conftest import run_without_package
 from transformers import TrainingArguments
 
 from data2vec_aqc_hf import Data2VecAQCForPreTraining
@@ -107,7 +107,7 @@ def test_finetune_save_stock_and_pipeline_without_package(tmp_path, monkeypatch)
     assert ours == direct
     arrays = {str(i): load_audio(c) for i, c in enumerate(clips)}
     np.savez(tmp_path / "clips.npz", **arrays)
-    out = _run_without_package(f"""
+    out = run_without_package(f"""
         import json, numpy as np
         from transformers import AutoModelForCTC, pipeline
         m = AutoModelForCTC.from_pretrained({str(final)!r})

@@ -218,3 +218,20 @@ def test_padding_leaks_through_stacked_positional_convs_and_sorted_batches_limit
     forward = transcribe_arrays(model, processor, arrays, batch_size=2)
     backward = transcribe_arrays(model, processor, arrays[::-1], batch_size=2)
     assert forward == backward[::-1]
+
+
+def test_effective_rank_counts_the_directions_used():
+    """k orthogonal directions of equal variance -> exactly k; one dominant direction -> close to 1; the
+    pretraining diagnostics warn below 10 (the collapsed `small` runs measured 3.6-7.8, a random init ~69)."""
+    from data2vec_aqc_hf.pretraining import effective_rank
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
+    for k in (1, 5, 20):
+        codes = torch.randn(4000, k, generator=g)
+        codes = (codes - codes.mean(0)) / codes.std(0)  # equal variance per direction
+        codes = torch.linalg.qr(codes)[0] * 10  # exactly orthogonal columns of equal norm
+        x = codes @ basis[:k]
+        assert abs(effective_rank(x) - k) < 1e-3, k
+    skewed = torch.randn(4000, 64, generator=g) * torch.tensor([100.0] + [0.01] * 63)
+    assert effective_rank(skewed) < 1.01

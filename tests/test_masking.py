@@ -71,3 +71,19 @@ def test_negatives_cover_the_other_masked_frames_uniformly():
     counts = torch.bincount(negs, minlength=20).float()
     assert counts[3] == 0 and counts[[2, 4, 10, 11]].min() > 0
     assert torch.allclose(counts[[2, 4, 10, 11]] / 20000, torch.full((4,), 0.25), atol=0.02)
+
+
+def test_require_same_masks_trims_every_row_to_the_fewest_masked_frames():
+    """fairseq's `require_same_masks`: each row keeps exactly the batch's smallest masked-frame count, and only
+    frames it had masked (a subset of the untrimmed mask drawn from the same generator state)."""
+    lengths = torch.tensor([200, 120, 60, 200])
+    untrimmed = compute_span_mask((4, 200), 0.65, 10, lengths, 1, torch.Generator().manual_seed(3))
+    trimmed = compute_span_mask((4, 200), 0.65, 10, lengths, 1, torch.Generator().manual_seed(3),
+                                require_same_masks=True)
+    counts = untrimmed.sum(1)
+    assert len(set(counts.tolist())) > 1  # the case is not trivial
+    assert trimmed.sum(1).tolist() == [counts.min().item()] * 4
+    assert not (trimmed & ~untrimmed).any()
+    # which frames a long row keeps is random, not its first ones
+    kept = trimmed[0].nonzero()[:, 0]
+    assert kept.max() > untrimmed[0].nonzero()[:, 0][counts.min() - 1]

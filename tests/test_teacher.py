@@ -30,7 +30,9 @@ def test_model_update_teacher_moves_layers_copies_pos_conv():
             p.add_(torch.randn_like(p))
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     tau = model.update_teacher()
-    assert tau == 0.999 and model.num_updates.item() == 1
+    # the authors' k-th update steps the EMA with decay(k) (fairseq set_num_updates(k)): decay(1), not decay(0)
+    assert model.num_updates.item() == 1 and tau == float(ema_decay(1, 0.999, 0.9999, 30000)) and tau > 0.999
+    assert abs(tau - (0.999 + 0.0009 / 30000)) < 1e-12
     for name, value in model.teacher.state_dict().items():
         if name.startswith("pos_conv_embed."):
             assert torch.equal(value, student.state_dict()[name]), name
