@@ -79,7 +79,8 @@ def _omegaconf_globals() -> list:
     classes += [getattr(nodes, n) for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode",
                                            "EnumNode", "BytesNode", "PathNode") if hasattr(nodes, n)]
     import collections
-    return classes + [dict, list, collections.defaultdict]
+    # omegaconf's node metadata names plain types (`ref_type=int`, `object_type=dict`)
+    return classes + [dict, list, int, float, str, bool, tuple, collections.defaultdict]
 
 
 def _numpy_globals() -> list:
@@ -130,6 +131,10 @@ def load_fairseq_checkpoint(path: str | Path, trust_pickle: bool = False) -> dic
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         what = found.group(1) if found else str(error).splitlines()[0]
+        if what.startswith("omegaconf") and not _omegaconf_globals():
+            raise FairseqCheckpointError(
+                f"{path}: its cfg is an omegaconf DictConfig (a checkpoint re-saved after fairseq's "
+                f"load_checkpoint_to_cpu); install omegaconf to read it: pip install omegaconf") from None
         raise FairseqCheckpointError(
             f"{path}: refusing to unpickle {what}: not a type fairseq checkpoints are known to contain, and "
             f"unpickling it could run code. If you trust this file, pass --trust_pickle "

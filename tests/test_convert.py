@@ -284,3 +284,15 @@ def test_deepcopy_and_pickle_keep_the_teacher_targets_working():
         next(copied.teacher.parameters()).add_(1.0)
     assert not torch.equal(loss(copied), reference) and torch.equal(loss(model), reference)
 
+
+
+def test_checkpoint_with_an_omegaconf_cfg_loads(tmp_path):
+    """A file re-saved after fairseq's `load_checkpoint_to_cpu` holds `cfg` as an omegaconf `DictConfig`."""
+    omegaconf = pytest.importorskip("omegaconf", reason="pip install -e '.[fairseq]' (CI does)")
+    state = load_fairseq_checkpoint(FIXTURES / "aqc_tiny_pretrain.pt")
+    state["cfg"] = omegaconf.OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+    torch.save(state, tmp_path / "resaved.pt")
+    summary = convert_checkpoint(tmp_path / "resaved.pt", tmp_path / "out")
+    assert summary["objective"] == "aqc"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["conv_pos_kernel_size"] == 5 and config["num_conv_pos_embeddings"] == 2

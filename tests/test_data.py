@@ -22,10 +22,29 @@ from data2vec_aqc_hf.data import (
 
 def test_load_audio_resamples_8k_fsdd_to_16k():
     path = DEMO / "audio/fsdd/jackson/0_jackson_0.flac"
-    raw, sr = sf.read(path)
+    raw, sr = sf.read(path, dtype="float32")
     assert sr == 8000
     audio = load_audio(path)
     assert audio.dtype == np.float32 and abs(len(audio) - 2 * len(raw)) <= 2
+    # the same signal at twice the rate: every other output sample is (close to) the original sample at that
+    # instant, and the energy per second is kept
+    inner = slice(64, len(raw) - 64)
+    assert np.corrcoef(audio[::2][inner], raw[inner])[0, 1] > 0.999  # a half-sample shift gives 0.98
+    assert abs(np.mean(audio**2) / np.mean(raw**2) - 1) < 0.005
+
+
+def test_resampled_sine_matches_the_analytic_sine_at_16k(tmp_path):
+    """A 440 Hz sine written at 8 kHz, loaded: the samples are the same sine evaluated at 16 kHz instants (same
+    frequency, phase and amplitude), away from the filter's edge effects; the mean power A**2 / 2 is kept."""
+    freq, amp, seconds = 440.0, 0.5, 1.0
+    t8 = np.arange(int(8000 * seconds)) / 8000
+    sf.write(tmp_path / "sine.wav", (amp * np.sin(2 * np.pi * freq * t8)).astype(np.float32), 8000, subtype="FLOAT")
+    audio = load_audio(tmp_path / "sine.wav")
+    assert len(audio) == 16000
+    expected = amp * np.sin(2 * np.pi * freq * np.arange(16000) / 16000)
+    inner = slice(400, 16000 - 400)
+    assert np.abs(audio[inner] - expected[inner]).max() < 1e-4  # linear interpolation: 7e-3
+    assert abs(np.mean(audio[inner] ** 2) - amp**2 / 2) < 1e-3
 
 
 @pytest.mark.parametrize("content, message", [(b"not audio at all", "cannot decode"), (None, "file not found")])
@@ -53,7 +72,11 @@ def test_two_channel_audio_yields_each_speaker():
     stereo = np.stack([left, right], 1).astype(np.float32)
     a0 = prepare_audio(stereo, 8000, channel=0)
     a1 = prepare_audio(stereo, 8000, channel=1)
-    assert len(a0) == 16000 and not np.allclose(a0, a1)
+    assert len(a0) == len(a1) == 16000
+    # each is its own channel at 16 kHz: sin(n / 5) at 8 kHz is sin(m / 10) at 16 kHz, cos(n / 9) is cos(m / 18)
+    m, inner = np.arange(16000), slice(400, 16000 - 400)
+    assert np.abs(a0[inner] - np.sin(m / 10.0)[inner]).max() < 1e-4
+    assert np.abs(a1[inner] - np.cos(m / 18.0)[inner]).max() < 1e-4
 
 
 def _stream(items, **kw):
@@ -205,38 +228,58 @@ def test_fairseq_tsv_manifest(tmp_path):
 
 
 def _librispeech_parquet(tmp_path, n=4):
-    """Local parquet files with the columns of openslr/librispeech_asr (file, audio, text, speaker_id, ...)."""
+    """Local parquet files with the columns of openslr/librispeech_asr (file, audio, text, speaker_id, ...); the two
+    splits hold different files (the first `n` and the next `n` demo clips)."""
     import datasets
 
-    rows = {"file": [], "audio": [], "text": [], "speaker_id": [], "chapter_id": [], "id": []}
-    for i, p in enumerate(demo_unlabeled_paths()[:n]):
-        rows["file"].append(p.name)
-        rows["audio"].append({"bytes": p.read_bytes(), "path": p.name})
-        rows["text"].append("UNKNOWN")
-        rows["speaker_id"].append(i)
-        rows["chapter_id"].append(0)
-        rows["id"].append(p.stem)
-    # the audio column's on-disk layout is Audio's {bytes, path} struct (written without torchcodec)
     audio_struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
     features = datasets.Features({"file": datasets.Value("string"), "audio": audio_struct,
                                   "text": datasets.Value("string"), "speaker_id": datasets.Value("int64"),
                                   "chapter_id": datasets.Value("int64"), "id": datasets.Value("string")})
-    ds = datasets.Dataset.from_dict(rows, features=features)
-    for split in ("train.clean.100", "train.clean.360"):
-        ds.to_parquet(str(tmp_path / f"{split}.parquet"))
-    return {s: str(tmp_path / f"{s}.parquet") for s in ("train.clean.100", "train.clean.360")}
+    files = {}
+    for j, split in enumerate(("train.clean.100", "train.clean.360")):
+        rows = {"file": [], "audio": [], "text": [], "speaker_id": [], "chapter_id": [], "id": []}
+        for i, p in enumerate(demo_unlabeled_paths()[j * n : (j + 1) * n]):
+            rows["file"].append(p.name)
+            # the audio column's on-disk layout is Audio's {bytes, path} struct (written without torchcodec)
+            rows["audio"].append({"bytes": p.read_bytes(), "path": p.name})
+            rows["text"].append("UNKNOWN")
+            rows["speaker_id"].append(j * n + i)
+            rows["chapter_id"].append(0)
+            rows["id"].append(p.stem)
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+        files[split] = str(tmp_path / f"{split}.parquet")
+    return files
+
+
+def _utterance_ids(batches, references):
+    """Which reference utterance each batch row is: the one of the same length whose normalised samples it holds
+    (streams here never crop, and the demo clips all differ in length)."""
+    ids = []
+    for b in batches:
+        for row, n in zip(b["input_values"], b["attention_mask"].sum(1).tolist()):
+            matches = [i for i, ref in enumerate(references) if len(ref) == n and np.allclose(row[:n], ref, atol=1e-5)]
+            assert len(matches) == 1, (n, matches)
+            ids.append(matches[0])
+    return ids
 
 
 def test_hub_streaming_path_on_local_parquet_with_librispeech_schema(tmp_path):
+    from data2vec_aqc_hf.data import normalize
+
     files = _librispeech_parquet(tmp_path)
+    paths = demo_unlabeled_paths()[:8]
+    references = [normalize(load_audio(p)) for p in paths]
+    assert len({len(r) for r in references}) == 8
     ds = load_hub_audio("parquet", None, "train.clean.100+train.clean.360", data_files=files)
-    stream = _stream(ds, shuffle_buffer=10)
-    batches = _batches(torch.utils.data.DataLoader(stream, batch_size=None))
-    assert sum(b["input_values"].shape[0] for b in batches) == 8  # 4 utterances x 2 splits
-    # two ranks of the streamed dataset see disjoint halves
-    counts = [sum(b["input_values"].shape[0] for b in _batches(_stream(ds, rank=r, world_size=2, shuffle_buffer=10)))
-              for r in range(2)]
-    assert counts == [4, 4]
+    uncropped = dict(max_samples=300000, max_batch_samples=600000, shuffle_buffer=10)
+    batches = _batches(torch.utils.data.DataLoader(_stream(ds, **uncropped), batch_size=None))
+    assert sorted(_utterance_ids(batches, references)) == list(range(8))  # 4 utterances x 2 splits, each once
+    # two ranks of the streamed dataset see disjoint halves that together are the whole dataset
+    per_rank = [_utterance_ids(_batches(_stream(ds, rank=r, world_size=2, **uncropped)), references) for r in range(2)]
+    assert all(len(ids) == len(set(ids)) == 4 for ids in per_rank), per_rank
+    assert not set(per_rank[0]) & set(per_rank[1]), per_rank
+    assert set(per_rank[0]) | set(per_rank[1]) == set(range(8)), per_rank
 
 
 def test_hub_two_channel_switchboard_style_split(tmp_path):

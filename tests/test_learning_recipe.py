@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO, SHARED, tiny_config
+from conftest import DEMO, ROOT, SHARED, tiny_config
 
 from data2vec_aqc_hf import Data2VecAQCConfig, Data2VecAQCForPreTraining
 from data2vec_aqc_hf.configuration_data2vec_aqc import PAPER_UPDATES
@@ -235,3 +235,49 @@ def test_effective_rank_counts_the_directions_used():
         assert abs(effective_rank(x) - k) < 1e-3, k
     skewed = torch.randn(4000, 64, generator=g) * torch.tensor([100.0] + [0.01] * 63)
     assert effective_rank(skewed) < 1.01
+
+
+@pytest.mark.parametrize("name", ["base_librispeech_960h.yaml", "demo.yaml", "demo_finetune.yaml"])
+def test_shipped_yaml_configs_parse_with_their_scripts(name):
+    """Every file in configs/ parses into the script's arguments (a renamed or removed flag fails here)."""
+    from transformers import TrainingArguments
+
+    from data2vec_aqc_hf.cli import parse_args
+    from data2vec_aqc_hf.finetuning import FinetuneArguments
+    from data2vec_aqc_hf.pretraining import PretrainingArguments
+
+    path = str(ROOT / "configs" / name)
+    if name == "demo_finetune.yaml":
+        args, training_args = parse_args((FinetuneArguments, TrainingArguments), [path, "--output_dir", "/tmp/x"])
+        assert args.model_name_or_path == "outputs/demo-pretrain" and training_args.max_steps > 0
+    else:
+        (args,) = parse_args(PretrainingArguments, [path])
+        assert args.max_steps > 0 and args.model_preset in ("base", "small")
+
+
+def test_base_preset_is_the_papers_95m_model():
+    """The `base` preset builds; its trained parameters (student + heads, no teacher) are the paper's ~95 M."""
+    from data2vec_aqc_hf import Data2VecAQCConfig, Data2VecAQCForPreTraining
+
+    config = Data2VecAQCConfig.from_preset("base")
+    assert (config.hidden_size, config.num_hidden_layers, config.conv_dim[0], config.num_target_layers) == (768, 12, 512, 8)
+    model = Data2VecAQCForPreTraining(config)
+    trained = sum(p.numel() for p in model.student_parameters())
+    assert 93e6 < trained < 96e6, trained
+
+
+def test_loss_reproducibility_with_dropout_needs_the_global_seed_too():
+    """What the README promises: without dropout/layerdrop the loss is a function of weights, inputs and the
+    generator alone; with them (the base recipe) torch's global RNG must be seeded as well."""
+    from data2vec_aqc_hf import Data2VecAQCForPreTraining
+
+    x = torch.randn(2, 8000, generator=torch.Generator().manual_seed(1))
+
+    def loss(model, global_seed):
+        torch.manual_seed(global_seed)
+        return model(x, generator=torch.Generator().manual_seed(0)).loss.item()
+
+    plain = Data2VecAQCForPreTraining(tiny_config()).train()
+    assert loss(plain, 1) == loss(plain, 2)
+    noisy = Data2VecAQCForPreTraining(tiny_config(hidden_dropout=0.1, attention_dropout=0.1, layerdrop=0.05)).train()
+    assert loss(noisy, 1) == loss(noisy, 1) and loss(noisy, 1) != loss(noisy, 2)

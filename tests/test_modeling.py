@@ -193,6 +193,20 @@ def test_regression_loss_and_stds_match_reference_targets(speech_batch):
     assert torch.allclose(out.prediction_std, ref["prediction_std"], rtol=1e-5)
 
 
+def test_masked_std_by_hand():
+    """Unbiased std over the masked frames of the whole batch, per channel, sqrt(var + 1e-6), mean over channels."""
+    from data2vec_aqc_hf.modeling_data2vec_aqc import masked_std
+
+    x = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [999.0, 999.0]],
+                      [[3.0, 6.0], [-7.0, -7.0], [5.0, 5.0]]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # channel 0: (1, 2, 3), variance 1; channel 1: (0, 0, 6), mean 2, variance (4 + 4 + 16) / 2 = 12
+    expected = (math.sqrt(1 + 1e-6) + math.sqrt(12 + 1e-6)) / 2
+    assert abs(masked_std(x, mask).item() - expected) < 1e-5
+    # a collapsed (constant) representation gives sqrt(1e-6), not a positive number of any size
+    assert abs(masked_std(torch.full((2, 3, 4), 7.0), mask).item() - 1e-3) < 1e-6
+
+
 def test_loss_is_pure_function_when_all_randomness_given(speech_batch):
     x, mask = speech_batch
     model = Data2VecAQCForPreTraining(tiny_config()).train()
@@ -335,8 +349,12 @@ def test_save_load_round_trip_every_class(tmp_path, speech_batch):
     assert (tmp_path / "pre" / "model.safetensors").exists()
     loaded = AutoModelForPreTraining.from_pretrained(tmp_path / "pre").eval()
     assert isinstance(loaded, Data2VecAQCForPreTraining) and loaded.num_updates.item() == 1
-    for (n1, t1), (n2, t2) in zip(pre.state_dict().items(), loaded.state_dict().items()):
-        assert n1 == n2 and torch.equal(t1, t2), n1
+    saved, reloaded = pre.state_dict(), loaded.state_dict()
+    # same names first (zip would stop silently at the shorter one), then same values and dtypes
+    assert set(saved) == set(reloaded), (set(saved) ^ set(reloaded))
+    assert any(k.startswith("teacher.") for k in saved) and "num_updates" in saved
+    for name, value in saved.items():
+        assert value.dtype == reloaded[name].dtype and torch.equal(value, reloaded[name]), name
     assert all(not p.requires_grad for p in loaded.teacher.parameters())
     fixed = _fixed_inputs(pre, x, mask)
     assert torch.equal(pre(x, mask, **fixed).loss, loaded(x, mask, **fixed).loss)

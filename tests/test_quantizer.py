@@ -71,3 +71,24 @@ def test_training_mode_is_one_hot_straight_through_and_seeded():
     det, _ = q(x, deterministic=True)
     ref, _ = q.eval()(x)
     assert torch.equal(det, ref)
+
+
+def test_perplexity_and_marginal_values_of_known_distributions():
+    """exp(entropy) in nats, per group: uniform over k of V codes -> k, one code -> 1, all V -> V; (1/2, 1/4, 1/4)
+    -> 2**1.5. The marginal averages only the masked frames."""
+    marginal = torch.zeros(4, 16)
+    marginal[0, :4] = 0.25
+    marginal[1, 5] = 1.0
+    marginal[2] = 1.0 / 16
+    marginal[3, [0, 7, 9]] = torch.tensor([0.5, 0.25, 0.25])
+    assert torch.allclose(perplexity_per_group(marginal), torch.tensor([4.0, 1.0, 16.0, 2**1.5]), atol=1e-4)
+    # diversity loss of two groups of 8 codes using 4 and 8 of them: (16 - 12) / 16
+    two = torch.zeros(2, 8)
+    two[0, :4], two[1] = 0.25, 0.125
+    assert abs(diversity_loss(two).item() - 0.25) < 1e-5
+
+    # (batch 2, frames 2, groups 1, entries 2): masked frames are rows (0, 0) and (1, 1) only
+    probs = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]], [[[0.3, 0.7]], [[0.5, 0.5]]]])
+    mask = torch.tensor([[True, False], [False, True]])
+    assert torch.allclose(masked_mean_probs(probs, mask), torch.tensor([[0.75, 0.25]]))
+    assert torch.allclose(masked_mean_probs(probs, None), torch.tensor([[0.45, 0.55]]))
