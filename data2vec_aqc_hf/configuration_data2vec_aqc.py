@@ -25,6 +25,7 @@ AQC_ONLY_FIELDS = (
     "ema_decay_start",
     "ema_decay_end",
     "ema_anneal_steps",
+    "teacher_feature_encoder",
     "num_target_layers",
     "instance_norm_target_layers",
     "regression_loss_scale",
@@ -82,6 +83,9 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
         ema_decay_start (`float`, 0.999), ema_decay_end (`float`, 0.9999), ema_anneal_steps (`int`, 30000): EMA
             decay tau rises linearly from start to end over the first `ema_anneal_steps` optimizer updates, then
             stays at end (data2vec `ema_decay`, `ema_end_decay`, `ema_anneal_end_step`).
+        teacher_feature_encoder (`bool`, False): **(choice)** give the teacher its own EMA copy of the CNN and
+            feature projection (data2vec's `ema_transformer_only=False`). Default (the paper's recipe): the teacher
+            encodes the student's CNN features, so the student can shape the teacher's input.
         num_target_layers (`int`, 8): K, the number of top teacher layers averaged into the target
             (data2vec `average_top_k_layers`).
         instance_norm_target_layers (`bool`, True): instance-normalise each layer's FFN output over time per
@@ -159,6 +163,7 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
     ema_decay_start: float = 0.999
     ema_decay_end: float = 0.9999
     ema_anneal_steps: int = 30000
+    teacher_feature_encoder: bool = False
     num_target_layers: int = 8
     instance_norm_target_layers: bool = True
     regression_loss_scale: float | None = None

@@ -21,6 +21,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.data2vec.modeling_data2vec_audio import (
     Data2VecAudioEncoder,
+    Data2VecAudioFeatureEncoder,
+    Data2VecAudioFeatureProjection,
     Data2VecAudioPreTrainedModel,
 )
 from transformers.utils import ModelOutput
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 # Weights that exist only in pretraining checkpoints; a CTC or base model drops them silently on load.
-PRETRAINING_ONLY_KEYS = [r"^teacher\.", r"^quantizer\.", r"^project_q\.", r"^final_proj\.", r"^contr_proj\.",
+PRETRAINING_ONLY_KEYS = [r"^teacher(\.|_feature_)", r"^quantizer\.", r"^project_q\.", r"^final_proj\.", r"^contr_proj\.",
                          r"^num_updates$"]
 
 
@@ -206,6 +208,9 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         super().__init__(config)
         self.data2vec_audio = Data2VecAudioModel(config)
         self.teacher = Data2VecAudioEncoder(config)
+        if config.teacher_feature_encoder:  # the teacher's own EMA copy of the CNN and projection
+            self.teacher_feature_extractor = Data2VecAudioFeatureEncoder(config)
+            self.teacher_feature_projection = Data2VecAudioFeatureProjection(config)
         self.final_proj = nn.Linear(config.hidden_size, config.hidden_size)
         if config.use_aqc:
             self.augmenter = WaveformAugmenter(config)
@@ -224,14 +229,24 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
     # ----- teacher ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_teacher(self) -> None:
-        """Make the teacher an exact copy of the student's encoder (start of pretraining)."""
-        self.teacher.load_state_dict(self.data2vec_audio.encoder.state_dict())
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        """Make the teacher an exact copy of the student's encoder (and, with `teacher_feature_encoder`, of its
+        CNN and feature projection) (start of pretraining)."""
+        for teacher, student in self._teacher_pairs():
+            teacher.load_state_dict(student.state_dict())
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def _teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        pairs = [(self.teacher, self.data2vec_audio.encoder)]
+        if self.config.teacher_feature_encoder:
+            pairs += [(self.teacher_feature_extractor, self.data2vec_audio.feature_extractor),
+                      (self.teacher_feature_projection, self.data2vec_audio.feature_projection)]
+        return pairs
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher never uses dropout or layerdrop
+        for teacher, _ in self._teacher_pairs():
+            teacher.eval()  # the teacher never uses dropout or layerdrop
         return self
 
     def current_ema_decay(self) -> torch.Tensor:
@@ -252,6 +267,8 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         self.num_updates += 1
         decay = float(self.current_ema_decay())
         ema_update_(self.teacher, self.data2vec_audio.encoder, decay, copy_prefixes=("pos_conv_embed.",))
+        for teacher, student in self._teacher_pairs()[1:]:
+            ema_update_(teacher, student, decay)
         return decay
 
     @torch.no_grad()
@@ -265,7 +282,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
 
     def student_parameters(self):
         """The trainable parameters (everything but the teacher): what the optimizer should get."""
-        return [p for n, p in self.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
+        return [p for n, p in self.named_parameters() if not n.startswith("teacher") and p.requires_grad]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -273,7 +290,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         model) starts the teacher as a copy of the loaded student."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if any(key.startswith("teacher.") for key in info["missing_keys"]):
+        if any(key.startswith("teacher") for key in info["missing_keys"]):
             model.reset_teacher()
         model.teacher.requires_grad_(False)
         return (model, info) if want_info else model
@@ -369,7 +386,13 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         # 5. teacher: clean, unmasked, pre-dropout projected features -> average of top-K instance-normed FFN outputs
         clean_norm = backbone.feature_projection.layer_norm(clean_features)
         with torch.no_grad():
-            targets = self.teacher_targets(backbone.feature_projection.projection(clean_norm), frame_valid)
+            if config.teacher_feature_encoder:
+                teacher_in = self.teacher_feature_extractor(clean).transpose(1, 2)
+                projection = self.teacher_feature_projection
+                teacher_in = projection.projection(projection.layer_norm(teacher_in))
+            else:
+                teacher_in = backbone.feature_projection.projection(clean_norm)
+            targets = self.teacher_targets(teacher_in, frame_valid)
 
         # 6. regression loss (data2vec, loss_beta = 0)
         scale = config.regression_loss_scale or 1.0 / math.sqrt(config.hidden_size)

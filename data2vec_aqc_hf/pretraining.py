@@ -196,6 +196,48 @@ def rank_state_file(checkpoint: Path, rank: int) -> Path:
     return Path(checkpoint) / f"training_state_rank{rank}.pt"
 
 
+def load_checkpoint_safely(accelerator: Accelerator, checkpoint: Path) -> None:
+    """`accelerator.load_state`, where every pickle-format file (optimizer, RNG states) is read with
+    `weights_only=True` (nothing is registered for accelerate's `weights_only=False` custom objects); a file that
+    holds anything else is refused with an error naming the checkpoint."""
+    from accelerate.utils.other import load as weights_only_load
+
+    # accelerate reads these with weights_only=True too, but skips an unreadable RNG file with a mere log line:
+    # check every file it will read first, so that a bad one stops the resume with its name
+    for path in sorted(checkpoint.glob("*")):
+        if path.suffix in (".pkl", ".bin", ".pt") and not path.name.startswith("custom_checkpoint_"):
+            try:
+                weights_only_load(path, map_location="cpu")
+            except Exception as error:  # noqa: BLE001 - any failure means: do not resume from this file
+                message = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+                raise RuntimeError(f"{path}: refusing to resume from this checkpoint file: it is unreadable or holds "
+                                   f"pickled objects other than tensors and plain data ({message})") from None
+    legacy = sorted(checkpoint.glob("custom_checkpoint_*.pkl"))
+    if not legacy:
+        accelerator.load_state(str(checkpoint))
+        return
+    # a checkpoint of an older version holds the pickled LR scheduler, which accelerate would unpickle with
+    # weights_only=False: load from a view of the folder without it (the scheduler is rebuilt from the step)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as view:
+        for path in checkpoint.iterdir():
+            if path not in legacy:
+                os.symlink(path.resolve(), Path(view) / path.name)
+        accelerator.load_state(view)
+
+
+def advance_scheduler(scheduler, steps: int) -> None:
+    """Bring a freshly built LR scheduler to `steps` optimizer updates (it is stepped once per update), instead of
+    unpickling its saved state."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+        for _ in range(steps):
+            scheduler.step()
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int, state: TrainingState) -> Path:
     """`accelerator.save_state` into a temporary folder renamed into place when complete, so an interrupted save
     never replaces or corrupts the previous checkpoint; then keep only the newest `keep`."""
@@ -380,19 +422,20 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                           f"{c.gumbel_temperature_decay:.6f} per update")
     scheduler = tri_stage_schedule(optimizer, schedule_steps, (args.warmup_ratio, args.hold_ratio, args.decay_ratio))
     # the scheduler is stepped by us once per optimizer update (accelerate's wrapper would step it num_processes
-    # times per update), and checkpointed as a registered object
+    # times per update); it is not checkpointed (accelerate would pickle it and unpickle it with
+    # weights_only=False, i.e. run code from the checkpoint): a resume rebuilds it from the step
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     state = TrainingState(args.seed + accelerator.process_index, accelerator.device, args.dataloader_num_workers)
-    accelerator.register_for_checkpointing(scheduler)  # `state` is per rank: saved by save_checkpoint
 
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        load_checkpoint_safely(accelerator, resume)
         state_file = rank_state_file(resume, accelerator.process_index)
         if not state_file.exists():
             raise FileNotFoundError(f"{state_file}: missing (was the checkpoint written with another number of processes?)")
         state.load_state_dict(torch.load(state_file, weights_only=True))
+        advance_scheduler(scheduler, state.step)
         accelerator.print(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batches_in_epoch})")
     if accelerator.is_main_process and args.report_to != "none":

@@ -324,7 +324,7 @@ def test_short_utterance_in_attention_mask_is_reported():
 
 
 def test_tiny_model_overfits_one_batch_of_real_speech():
-    """Loss on one fixed batch of real LibriSpeech audio (fixed masks/augmentation) falls by more than half."""
+    """Loss on one fixed batch of real LibriSpeech audio (fixed masks/augmentation) falls to under a third."""
     torch.manual_seed(0)
     x, mask = real_speech_batch(n=4, seconds=2.0)
     model = Data2VecAQCForPreTraining(tiny_config())
@@ -337,8 +337,9 @@ def test_tiny_model_overfits_one_batch_of_real_speech():
         opt.step()
         model.update_teacher()
         losses.append(out.loss.item())
-    assert all(math.isfinite(v) for v in losses)
-    assert min(losses[-5:]) < 0.5 * losses[0], losses
+    # measured: 11.6 at the first step, 2.9 on average over the last five (fixed seeds); a single low step is not
+    # enough, the mean of the last five must be well below the start
+    assert sum(losses[-5:]) / 5 < 0.35 * losses[0], losses
 
 
 def test_save_load_round_trip_every_class(tmp_path, speech_batch):
