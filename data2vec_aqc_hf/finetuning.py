@@ -426,14 +426,49 @@ def train_ctc(model, processor, train_set: CTCDataset, eval_set: CTCDataset | No
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=CTCCollator(processor), compute_metrics=make_compute_metrics(processor),
                       processing_class=processor.feature_extractor,
-                      callbacks=[FreezeTransformerCallback(model, freeze_transformer_steps), *callbacks])
+                      callbacks=[FreezeTransformerCallback(model, freeze_transformer_steps), NonFiniteWeightsCallback(model),
+                                 *callbacks])
     if not print_logs:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-    trainer.train_result = trainer.train()
+    trainer.train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     return trainer
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `latest` (the newest `checkpoint-N` of `output_dir`)."""
+    value = training_args.resume_from_checkpoint
+    if not value:
+        return None
+    if str(value).lower() in ("latest", "last", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if found is None:
+            raise FileNotFoundError(f"{training_args.output_dir}: no checkpoint-N folder to resume from (--resume_from_checkpoint latest)")
+        return found
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"{value}: no such checkpoint folder (--resume_from_checkpoint)")
+    return str(value)
+
+
+class NonFiniteWeightsCallback(TrainerCallback):
+    """Stop fine-tuning with an error the moment an update leaves a non-finite weight: before the Trainer can save
+    it or rotate good checkpoints out (`save_total_limit`). The checkpoints already written stay as they are."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad]).all()
+        if not bool(finite):
+            raise FloatingPointError(
+                f"fine-tuning step {state.global_step}: the update made weights NaN/inf (learning rate "
+                f"{args.learning_rate:g} too high, or bad data); stopped before saving it. The checkpoints in "
+                f"{args.output_dir} are untouched; resume from one with a lower --learning_rate")
 
 
 def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) -> dict:

@@ -72,6 +72,9 @@ class PretrainingArguments:
     adam_epsilon: float = 1e-6
     weight_decay: float = 0.01
     max_grad_norm: float = 10.0
+    max_nonfinite_updates: int = field(default=10, metadata={
+        "help": "An update whose loss or gradient norm is NaN/inf is skipped (weights, optimizer, teacher untouched); "
+                "after this many in a row the run stops with an error (default 10)."})
     warmup_ratio: float = 0.03
     hold_ratio: float = 0.9
     decay_ratio: float = 0.07
@@ -116,6 +119,10 @@ class PretrainingArguments:
                              "length to size the learning-rate schedule from")
         if self.min_duration_in_seconds > self.max_duration_in_seconds:
             raise ValueError("min_duration_in_seconds must be <= max_duration_in_seconds")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive updates with a non-finite loss or gradient norm."""
 
 
 class TrainingState:
@@ -446,7 +453,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     epochs = EpochAgreement(accelerator) if args.num_train_epochs else None
     progress = tqdm(total=min(schedule_steps, stop_at), initial=state.step, desc="pretraining", unit="step",
                     disable=not accelerator.is_local_main_process)
-    history, last_logs, warned = [], {}, set()
+    history, last_logs, warned, bad_updates = [], {}, set(), 0
     start_time, start_samples = time.time(), state.samples_seen
     model.train()
     # ranks leave the loop together: on the step limit, or when all agree their epochs are done (a rank whose shard
@@ -477,16 +484,30 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             with accelerator.accumulate(model):
                 out = model(**batch, generator=state.generator)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unwrapped.student_parameters(), args.max_grad_norm)
-                optimizer.step()
                 if accelerator.sync_gradients:
-                    scheduler.step()
+                    # the all-reduced gradient norm: the same on every rank, non-finite if any rank's loss was
+                    grad_norm = accelerator.clip_grad_norm_(unwrapped.student_parameters(),
+                                                            args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+                    finite = bool(torch.isfinite(grad_norm))
+                    if finite:
+                        optimizer.step()
+                        scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch = batches_this_epoch
             state.samples_seen += batch_samples * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
+            if not finite:  # weights, optimizer, schedule and teacher untouched; nothing non-finite is saved
+                bad_updates += 1
+                logger.warning(f"update {state.step + 1}: non-finite loss ({float(out.loss):.4g}) or gradient norm "
+                               f"({float(grad_norm):.4g}); skipped ({bad_updates} in a row)")
+                if bad_updates >= args.max_nonfinite_updates:
+                    raise NonFiniteTrainingError(
+                        f"{bad_updates} consecutive updates had a non-finite loss or gradient norm (last at update "
+                        f"{state.step + 1}); stopping. The last checkpoint in {output_dir / 'checkpoints'} holds "
+                        f"finite weights; lower --learning_rate (now {args.learning_rate:g}) or check the data")
+                continue
+            bad_updates = 0
             unwrapped.update_teacher()
             state.step += 1
             progress.update(1)

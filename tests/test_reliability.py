@@ -52,3 +52,104 @@ def test_a_planted_pickle_payload_never_runs_on_resume(tmp_path):
                 result.stderr[-2000:]
         if original is not None:
             target.write_bytes(original)
+
+
+def test_nonfinite_updates_are_skipped_never_saved_and_stop_the_run(tmp_path):
+    """lr 1e4 makes the loss NaN within a few updates: those updates are skipped (weights stay finite), every
+    checkpoint written is finite, and after --max_nonfinite_updates in a row the run exits non-zero saying why."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "nan"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "training/pretrain.py")] + COMMON
+        + ["--output_dir", str(out), "--max_steps", "40", "--save_steps", "1", "--learning_rate", "1e4",
+           "--max_nonfinite_updates", "3"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert result.returncode != 0, result.stdout[-1000:]
+    assert "3 consecutive updates had a non-finite loss or gradient norm" in result.stderr, result.stderr[-2000:]
+    assert "skipped (1 in a row)" in result.stderr
+    assert not (out / "model.safetensors").exists()  # no final model from a failed run
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints, "the finite updates before the blow-up were checkpointed"
+    for checkpoint in checkpoints:
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), checkpoint
+
+
+def _tiny_ctc_setup(tmp_path):
+    from data2vec_aqc_hf.finetuning import CTCDataset, build_vocab, load_ctc_model, make_processor, normalize_text
+    from data2vec_aqc_hf.finetuning import read_manifest
+    from conftest import DEMO
+
+    rows = [r for r in read_manifest(DEMO / "metadata.csv") if r["speaker_id"] == "fsdd_lucas"][:24]
+    processor = make_processor(build_vocab([normalize_text(r["text"]) for r in rows]), tmp_path / "proc")
+    torch.manual_seed(0)  # the same random init in every run
+    model = load_ctc_model(None, processor, mask_time_prob=0.0, layerdrop=0.0, model_preset="tiny")
+    return model, processor, CTCDataset(rows, processor)
+
+
+def _args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    values = dict(output_dir=str(tmp_path / "ft"), per_device_train_batch_size=4, learning_rate=1e-3,
+                  report_to="none", use_cpu=True, save_steps=2, logging_steps=1, seed=0, disable_tqdm=True)
+    return TrainingArguments(**{**values, **kw})
+
+
+def test_finetuning_resumes_from_latest_at_its_step(tmp_path):
+    """Interrupted after 4 of 6 updates (checkpoint-4 is the newest), `--resume_from_checkpoint latest` continues
+    at update 5 and ends at the same weights as an uninterrupted 6-update run."""
+    from data2vec_aqc_hf.finetuning import train_ctc
+
+    model, processor, data = _tiny_ctc_setup(tmp_path / "a")
+    full = train_ctc(model, processor, data, None, _args(tmp_path / "a", max_steps=6), print_logs=False)
+    model, processor, data = _tiny_ctc_setup(tmp_path / "b")
+    train_ctc(model, processor, data, None, _args(tmp_path / "b", max_steps=6, save_steps=4), print_logs=False,
+              callbacks=[_StopAt(4)])
+    assert (tmp_path / "b/ft/checkpoint-4").is_dir() and not (tmp_path / "b/ft/checkpoint-6").exists()
+    model, processor, data = _tiny_ctc_setup(tmp_path / "b")
+    counter = _StopAt(10 ** 9)
+    resumed = train_ctc(model, processor, data, None,
+                        _args(tmp_path / "b", max_steps=6, save_steps=4, resume_from_checkpoint="latest"),
+                        print_logs=False, callbacks=[counter])
+    # only updates 5 and 6 ran (retraining from 0 would run 6); log_history came back from checkpoint-4
+    assert counter.steps_seen == [5, 6] and resumed.state.global_step == 6, counter.steps_seen
+    steps_logged = [h["step"] for h in resumed.state.log_history if "loss" in h]
+    assert steps_logged == [1, 2, 3, 4, 5, 6], steps_logged
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+class _StopAt:
+    """A callback that ends training after `step` updates (an interruption)."""
+
+    def __init__(self, step):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                outer.steps_seen.append(state.global_step)
+                if state.global_step >= outer.step:
+                    control.should_training_stop = True
+                    control.should_save = True
+
+        self.step, self.callback, self.steps_seen = step, _Callback(), []
+
+    def __getattr__(self, name):
+        return getattr(self.callback, name)
+
+
+def test_finetuning_stops_on_nonfinite_weights_before_saving_them(tmp_path):
+    from data2vec_aqc_hf.finetuning import train_ctc
+
+    model, processor, data = _tiny_ctc_setup(tmp_path)
+    with pytest.raises(FloatingPointError, match=r"fine-tuning step \d+: the update made weights NaN/inf"):
+        train_ctc(model, processor, data, None, _args(tmp_path, max_steps=20, learning_rate=1e9, max_grad_norm=0.0,
+                                                        save_steps=1), print_logs=False)
+    from safetensors.torch import load_file
+
+    for checkpoint in (tmp_path / "ft").glob("checkpoint-*"):
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values()), checkpoint
