@@ -36,6 +36,13 @@ def test_scaled_schedules_cover_the_same_fraction_of_the_run():
     short = Data2VecAQCConfig()
     short.scale_schedules_to(4000)  # 100x shorter
     assert short.ema_anneal_steps == 300
+    # the EMA decays keep their floors (teacher horizon >= 100 / 1000 updates) ...
+    assert short.ema_decay_start == 0.99 and short.ema_decay_end == 0.999
+    long = Data2VecAQCConfig()
+    long.scale_schedules_to(100_000)  # ... and scale above them: 1 - (1 - tau) * 4
+    assert math.isclose(long.ema_decay_start, 0.996) and math.isclose(long.ema_decay_end, 0.9996)
+    short = Data2VecAQCConfig()
+    short.scale_schedules_to(4000, min_ema_decay_start=0.0, min_ema_decay_end=0.0)  # scaled all the way
     assert math.isclose(short.ema_decay_start, 0.9) and math.isclose(short.ema_decay_end, 0.99)
     for fraction in (0.0, 0.1, 0.5, 0.69, 1.0):
         # the temperature at the same fraction of either run is the same
