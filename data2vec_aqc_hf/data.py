@@ -46,7 +46,7 @@ def audiofolder_items(directory: str | Path) -> list[dict]:
 def csv_manifest_items(manifest: str | Path, path_column: str = "file_name") -> list[dict]:
     """A CSV with a `file_name` column (paths relative to the CSV's folder, or absolute)."""
     manifest = Path(manifest)
-    with open(manifest, newline="") as f:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a BOM (Excel) is not part of a column name
         reader = csv.DictReader(f)
         if path_column not in (reader.fieldnames or []):
             raise ValueError(f"{manifest}: no {path_column!r} column (columns: {reader.fieldnames})")

@@ -67,7 +67,7 @@ def read_manifest(path: str | Path) -> list[dict]:
     manifest = path / "metadata.csv" if path.is_dir() else path
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest}: no such manifest (expected file_name,text[,speaker_id])")
-    with open(manifest, newline="") as f:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a BOM (Excel) is not part of a column name
         reader = csv.DictReader(f)
         missing = {"file_name", "text"} - set(reader.fieldnames or [])
         if missing:

@@ -138,6 +138,8 @@ class Data2VecAQCForCTC(Data2VecAQCPreTrainedModel, Data2VecAudioForCTC):
 
     def forward(self, input_values, attention_mask=None, labels=None, **kwargs) -> CausalLMOutput:
         validate_input_values(input_values, attention_mask, self.config)
+        if input_values.dtype != self.dtype:  # int16 PCM, float64 arrays: cast as the pretraining model does
+            input_values = input_values.to(self.dtype)
         return super().forward(input_values, attention_mask=attention_mask, labels=labels, **kwargs)
 
 

@@ -119,6 +119,11 @@ class PretrainingArguments:
                              "length to size the learning-rate schedule from")
         if self.min_duration_in_seconds > self.max_duration_in_seconds:
             raise ValueError("min_duration_in_seconds must be <= max_duration_in_seconds")
+        for name in ("logging_steps", "save_steps", "gradient_accumulation_steps", "max_nonfinite_updates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.max_batch_duration_in_seconds <= 0:
+            raise ValueError("--learning_rate and --max_batch_duration_in_seconds must be > 0")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -188,15 +193,52 @@ def list_checkpoints(output_dir) -> list[Path]:
 
 
 def resolve_checkpoint(output_dir, value: str | None) -> Path | None:
+    """`--resume_from_checkpoint`: `latest` is the newest *complete and readable* checkpoint (newer broken ones are
+    skipped with a warning naming them); an explicit folder must be complete and readable (error naming the file)."""
     if not value:
         return None
     if value == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                return candidate
+            logger.warning(f"skipping {problem}; trying an older checkpoint")
+        return None
     path = Path(value)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise RuntimeError(f"--resume_from_checkpoint: {problem}")
     return path
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """None when every file a resume reads is present and readable: the weights (safetensors) and every
+    pickle-format file (optimizer, RNG states, our per-rank state) with `weights_only=True`; else a message naming
+    the first bad file and why. Pickled objects other than tensors and plain data count as bad (they could run
+    code)."""
+    from accelerate.utils.other import load as weights_only_load
+    from safetensors.torch import load_file
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.exists():
+        return f"{weights}: missing (incomplete checkpoint)"
+    try:
+        load_file(weights)
+    except Exception as error:  # noqa: BLE001 - truncated or corrupt
+        return f"{weights}: unreadable ({str(error).strip()[:200] or type(error).__name__})"
+    if not rank_state_file(checkpoint, 0).exists():
+        return f"{rank_state_file(checkpoint, 0)}: missing (incomplete checkpoint)"
+    for path in sorted(checkpoint.glob("*")):
+        if path.suffix in (".pkl", ".bin", ".pt") and not path.name.startswith("custom_checkpoint_"):
+            try:
+                weights_only_load(path, map_location="cpu")
+            except Exception as error:  # noqa: BLE001 - any failure means: do not resume from this file
+                message = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+                return (f"{path}: refusing to resume from this checkpoint file: it is unreadable or holds pickled "
+                        f"objects other than tensors and plain data ({message})")
+    return None
 
 
 def rank_state_file(checkpoint: Path, rank: int) -> Path:
@@ -207,18 +249,9 @@ def load_checkpoint_safely(accelerator: Accelerator, checkpoint: Path) -> None:
     """`accelerator.load_state`, where every pickle-format file (optimizer, RNG states) is read with
     `weights_only=True` (nothing is registered for accelerate's `weights_only=False` custom objects); a file that
     holds anything else is refused with an error naming the checkpoint."""
-    from accelerate.utils.other import load as weights_only_load
-
-    # accelerate reads these with weights_only=True too, but skips an unreadable RNG file with a mere log line:
-    # check every file it will read first, so that a bad one stops the resume with its name
-    for path in sorted(checkpoint.glob("*")):
-        if path.suffix in (".pkl", ".bin", ".pt") and not path.name.startswith("custom_checkpoint_"):
-            try:
-                weights_only_load(path, map_location="cpu")
-            except Exception as error:  # noqa: BLE001 - any failure means: do not resume from this file
-                message = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
-                raise RuntimeError(f"{path}: refusing to resume from this checkpoint file: it is unreadable or holds "
-                                   f"pickled objects other than tensors and plain data ({message})") from None
+    problem = checkpoint_problem(checkpoint)  # accelerate would skip an unreadable RNG file with a log line only
+    if problem is not None:
+        raise RuntimeError(problem)
     legacy = sorted(checkpoint.glob("custom_checkpoint_*.pkl"))
     if not legacy:
         accelerator.load_state(str(checkpoint))

@@ -153,3 +153,63 @@ def test_finetuning_stops_on_nonfinite_weights_before_saving_them(tmp_path):
     for checkpoint in (tmp_path / "ft").glob("checkpoint-*"):
         weights = load_file(checkpoint / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values()), checkpoint
+
+
+def test_latest_skips_broken_newer_checkpoints_and_an_explicit_broken_one_is_named(tmp_path, caplog):
+    """A truncated model.safetensors, a truncated RNG file and an empty newest folder: `latest` falls back to the
+    newest complete and readable checkpoint, warning about each skipped one; naming a broken one is an error
+    naming the file."""
+    from data2vec_aqc_hf.pretraining import resolve_checkpoint
+
+    out = tmp_path / "run"
+    _launch(COMMON + ["--output_dir", str(out), "--max_steps", "3", "--save_steps", "1"])
+    root = out / "checkpoints"
+    weights = root / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rng = root / "checkpoint-2" / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[:50])
+    (root / "checkpoint-4").mkdir()
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(out, "latest") == root / "checkpoint-1"
+    for broken in ("checkpoint-4/model.safetensors: missing", "checkpoint-3/model.safetensors: unreadable",
+                   "checkpoint-2/random_states_0.pkl: refusing to resume"):
+        assert broken in caplog.text, (broken, caplog.text)
+    with pytest.raises(RuntimeError, match=r"checkpoint-3/model\.safetensors: unreadable"):
+        resolve_checkpoint(out, str(root / "checkpoint-3"))
+
+
+@pytest.mark.parametrize("flag", ["--save_steps", "--logging_steps", "--gradient_accumulation_steps"])
+def test_zero_step_arguments_are_rejected_up_front(flag):
+    from data2vec_aqc_hf.pretraining import PretrainingArguments
+
+    with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+        PretrainingArguments(train_data="x.csv", **{flag[2:]: 0})
+
+
+def test_manifest_with_a_byte_order_mark_reads(tmp_path):
+    from conftest import DEMO
+
+    from data2vec_aqc_hf.finetuning import read_manifest
+
+    text = (DEMO / "metadata.csv").read_text(encoding="utf-8")
+    (tmp_path / "metadata.csv").write_text("\ufeff" + text, encoding="utf-8")  # as Excel saves CSV
+    for line in text.splitlines()[1:3]:
+        name = line.split(",")[0]
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((DEMO / name).read_bytes())
+    rows = read_manifest(tmp_path / "metadata.csv")
+    assert len(rows) == len(text.splitlines()) - 1 and rows[0]["text"]
+
+
+def test_ctc_model_casts_int16_and_float64_input():
+    from conftest import tiny_config
+
+    from data2vec_aqc_hf import Data2VecAQCForCTC
+
+    model = Data2VecAQCForCTC(tiny_config(vocab_size=9)).eval()
+    x = torch.randn(1, 8000)
+    with torch.no_grad():
+        reference = model(x).logits
+        assert torch.equal(model(x.double()).logits, reference)
+        pcm = (x * 1000).to(torch.int16)
+        assert torch.equal(model(pcm).logits, model(pcm.float()).logits)
