@@ -12,16 +12,44 @@ from pathlib import Path
 from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio
 from .data import AUDIO_EXTENSIONS
 
+MIN_SECONDS = 0.25  # below this a clip is a few CTC frames: transcribed, with a warning
 
-def audio_files(inputs: list[str]) -> list[Path]:
+
+def audio_files(inputs: list[str], report=None) -> list[Path]:
+    """The audio files of `inputs` (files, or folders searched recursively). A missing path raises
+    `FileNotFoundError` naming it, before any model is loaded; files of a folder that are not audio (by extension)
+    are skipped and reported through `report(message)`."""
+    missing = [item for item in inputs if not Path(item).exists()]
+    if missing:
+        raise FileNotFoundError(f"no such file or directory: {', '.join(missing)}")
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+            found = sorted(p for p in path.rglob("*") if p.is_file())
+            audio = [p for p in found if p.suffix.lower() in AUDIO_EXTENSIONS]
+            others = [p for p in found if p.suffix.lower() not in AUDIO_EXTENSIONS]
+            if others and report:
+                shown = ", ".join(p.name for p in others[:3]) + (" ..." if len(others) > 3 else "")
+                report(f"{path}: skipping {len(others)} file(s) that are not audio ({shown})")
+            files += audio
         else:
             files.append(path)
     return files
+
+
+def pretraining_checkpoint_error(model: str) -> str | None:
+    """A message when `model` is a local data2vec-aqc *pretraining* checkpoint (no CTC head, no tokenizer)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    values = json.loads(config.read_text())
+    if any(a.endswith("ForPreTraining") for a in values.get("architectures") or []):
+        return (f"{model} is a pretraining checkpoint (no CTC head or vocabulary): fine-tune it first "
+                f"(training/finetune.py --model_name_or_path {model} ...)")
+    if not any((Path(model) / name).exists() for name in ("vocab.json", "tokenizer_config.json")):
+        return f"{model}: no vocab.json / tokenizer: save the processor with the model (processor.save_pretrained)"
+    return None
 
 
 def build_pipeline(model: str, device: int | str = -1, lm: str | None = None, trust_remote_code: bool = False,
@@ -57,6 +85,9 @@ def transcribe_files(asr, files: list[Path], chunk_length_s: float = 20.0, strid
             yield path, None, str(err)
             continue
         seconds = len(audio) / TARGET_SAMPLING_RATE
+        if seconds < MIN_SECONDS:
+            print(f"WARNING {path}: {seconds:.2f} s is very short (< {MIN_SECONDS} s); the transcript is unreliable",
+                  file=sys.stderr)
         kwargs = dict(chunk_length_s=chunk_length_s, stride_length_s=stride_length_s) if seconds > chunk_length_s else {}
         text = asr({"raw": audio, "sampling_rate": TARGET_SAMPLING_RATE}, **kwargs)["text"]
         yield path, text, None
@@ -77,9 +108,15 @@ def main(argv=None) -> int:
     parser.add_argument("--beam_width", type=int, default=100)
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
-    files = audio_files(args.inputs)
+    try:
+        files = audio_files(args.inputs, report=lambda message: print(f"WARNING {message}", file=sys.stderr))
+    except FileNotFoundError as err:
+        parser.error(str(err))
     if not files:
         parser.error(f"no audio files in {args.inputs}")
+    problem = pretraining_checkpoint_error(args.model)
+    if problem:
+        parser.error(problem)
     try:
         asr = build_pipeline(args.model, args.device, args.lm, args.trust_remote_code, args.lm_alpha, args.lm_beta,
                              args.beam_width)
@@ -97,7 +134,9 @@ def main(argv=None) -> int:
             print(f"{path}\t{text}")
     if out:
         out.close()
-    return 1 if failures == len(files) else 0
+    if failures:
+        print(f"{failures} of {len(files)} file(s) failed", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -184,3 +184,32 @@ def test_finetune_script_runs_as_a_script(tmp_path):
     metrics = json.loads([line for line in result.stdout.splitlines() if line.startswith("METRICS ")][-1][8:])
     assert metrics["wer"] >= 0.0 and metrics["num_utterances"] == 120
     assert (tmp_path / "ft/final/README.md").exists() and (tmp_path / "ft/final/training_curves.png").exists()
+
+
+def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
+    """Missing input: exit 2 before a model is loaded; some files failing: exit 1 with a count; a pretraining
+    checkpoint: told to fine-tune first; non-audio files in a folder: said, not silent; a very short clip: warned."""
+    import soundfile as sf
+
+    from data2vec_aqc_hf import Data2VecAQCForPreTraining
+    from data2vec_aqc_hf.transcription import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["/nonexistent/model", str(tmp_path / "nope.wav")])
+    assert exit_info.value.code == 2 and "nope.wav" in capsys.readouterr().err
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    sf.write(folder / "ok.wav", np.sin(np.arange(16000) / 5.0).astype(np.float32) * 0.3, 16000)
+    sf.write(folder / "short.wav", np.sin(np.arange(2000) / 5.0).astype(np.float32) * 0.3, 16000)
+    (folder / "broken.wav").write_bytes(b"not audio")
+    (folder / "notes.txt").write_text("hello")
+    code = main([str(random_ctc_dir), str(folder)])
+    err = capsys.readouterr().err
+    assert code == 1 and "1 of 3 file(s) failed" in err and "broken.wav" in err, err
+    assert "skipping 1 file(s) that are not audio (notes.txt)" in err and "short.wav: 0.12 s is very short" in err
+
+    Data2VecAQCForPreTraining(tiny_config()).save_pretrained(tmp_path / "pre")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "pre"), str(folder / "ok.wav")])
+    assert "is a pretraining checkpoint" in capsys.readouterr().err
