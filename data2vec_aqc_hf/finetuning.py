@@ -437,6 +437,26 @@ def train_ctc(model, processor, train_set: CTCDataset, eval_set: CTCDataset | No
     return trainer
 
 
+def card_base_model(model_name_or_path: str | None, preset: str | None) -> dict:
+    """Card values for where the weights came from: `base_model` in the card's metadata only for a Hub id (a local
+    path means nothing to a reader of the Hub page)."""
+    if model_name_or_path is None:
+        return {"base_model_line": "", "base_model_text": f"a random initialisation (preset `{preset}`, no pretraining)"}
+    if Path(model_name_or_path).exists():
+        return {"base_model_line": "",
+                "base_model_text": f"a local data2vec-aqc checkpoint (`{Path(model_name_or_path).name}`, not on the Hub)"}
+    return {"base_model_line": f"base_model: {model_name_or_path}\n",
+            "base_model_text": f"the data2vec-aqc encoder [`{model_name_or_path}`](https://huggingface.co/{model_name_or_path})"}
+
+
+def weights_step(trainer) -> str:
+    """Which update the saved weights are from: the best checkpoint's when the Trainer reloaded it, else the last."""
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        return f"{best.rsplit('-', 1)[-1]} (best checkpoint by {trainer.args.metric_for_best_model})"
+    return f"{trainer.state.global_step} (the last update)"
+
+
 def resolve_resume(training_args: TrainingArguments) -> str | None:
     """`--resume_from_checkpoint`: a checkpoint folder, or `latest` (the newest `checkpoint-N` of `output_dir`)."""
     value = training_args.resume_from_checkpoint
@@ -506,7 +526,8 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
     hours_train = sum(len(e["input_values"]) for e in train_set.examples) / TARGET_SAMPLING_RATE / 3600
     write_card(final_dir, "finetuned.md", {
         "model_name": training_args.hub_model_id or final_dir.parent.name,
-        "base_model": args.model_name_or_path or f"none (random init, preset {args.model_preset})",
+        **card_base_model(args.model_name_or_path, args.model_preset),
+        "weights_step": weights_step(trainer),
         "dataset_id": args.dataset_name or args.hub_dataset_id_for_card or "custom",
         "dataset_description": args.dataset_name or args.train_manifest,
         "train_hours": f"{hours_train:.3f}",

@@ -213,3 +213,34 @@ def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "pre"), str(folder / "ok.wav")])
     assert "is a pretraining checkpoint" in capsys.readouterr().err
+
+
+def test_model_card_example_runs_in_plain_transformers_on_8khz_audio(tmp_path, random_ctc_dir):
+    """The card's usage block, as written (model id and file name filled in), runs where this package cannot be
+    imported, on an 8 kHz FSDD file (the resampling step is needed), and gives the pipeline's transcript."""
+    import re
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from data2vec_aqc_hf import Data2VecAQCForCTC
+    from data2vec_aqc_hf.cards import render_card
+    from data2vec_aqc_hf.export import save_as_data2vec_audio
+    from data2vec_aqc_hf.finetuning import card_base_model
+
+    stock = tmp_path / "stock"  # what fine-tuning saves: a stock data2vec-audio model + processor
+    save_as_data2vec_audio(Data2VecAQCForCTC.from_pretrained(random_ctc_dir), stock)
+    AutoProcessor.from_pretrained(random_ctc_dir).save_pretrained(stock)
+
+    values = dict(model_name="m", dataset_id="custom", dataset_description="d", train_hours="0.1", num_train=1,
+                  num_eval=1, eval_speakers="s", wer="1", cer="1", wer_fraction="0.01", cer_fraction="0.01",
+                  learning_rate=1e-3, max_steps=10, weights_step="10 (the last update)", batch_size=1, freeze_steps=0,
+                  cnn="trained", repo_id=str(stock), **card_base_model(str(random_ctc_dir), None))
+    card = render_card("finetuned.md", values)
+    assert "base_model:" not in card.split("---")[1]  # a local path is not metadata
+    block = re.findall(r"```python\n(.*?)```", card, re.S)[0]
+    clip = DEMO / "audio/fsdd/lucas/5_lucas_1.flac"
+    assert __import__("soundfile").info(clip).samplerate == 8000
+    shutil.copy(clip, tmp_path / "speech.flac")
+    out = run_without_package(block, tmp_path)
+    assert out.strip() and "Traceback" not in out
