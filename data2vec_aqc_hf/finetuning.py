@@ -364,30 +364,30 @@ class FinetuneArguments:
     train_manifest: str | None = field(default=None, metadata={"help": "CSV file_name,text[,speaker_id] or dir."})
     eval_manifest: str | None = field(default=None, metadata={"help": "Optional; else split off by speaker."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id instead of a manifest."})
-    dataset_config_name: str | None = None
-    train_split_name: str = "train"
-    eval_split_name: str | None = None
-    audio_column_name: str = "audio"
-    text_column_name: str = "text"
-    speaker_column_name: str = "speaker_id"
+    dataset_config_name: str | None = field(default=None, metadata={"help": 'Hub dataset config (with --dataset_name).'})
+    train_split_name: str = field(default="train", metadata={"help": 'Hub split to train on.'})
+    eval_split_name: str | None = field(default=None, metadata={"help": 'Hub split to evaluate on (default: hold out speakers of the training split).'})
+    audio_column_name: str = field(default="audio", metadata={"help": 'Audio column of the dataset.'})
+    text_column_name: str = field(default="text", metadata={"help": 'Transcript column of the dataset.'})
+    speaker_column_name: str = field(default="speaker_id", metadata={"help": 'Speaker column (held-out speakers are never trained on).'})
     eval_speakers: str | None = field(default=None, metadata={"help": "Comma-separated speakers held out."})
-    eval_speaker_fraction: float = 0.2
-    lowercase: bool = False
-    chars_to_ignore_regex: str = DEFAULT_CHARS_TO_REMOVE
+    eval_speaker_fraction: float = field(default=0.2, metadata={"help": 'Share of speakers held out for evaluation when --eval_speakers is not given.'})
+    lowercase: bool = field(default=False, metadata={"help": 'Lower-case the transcripts (default: upper case, as LibriSpeech).'})
+    chars_to_ignore_regex: str = field(default=DEFAULT_CHARS_TO_REMOVE, metadata={"help": 'Characters removed from transcripts before building the vocabulary.'})
     freeze_transformer_steps: int = field(default=0, metadata={"help": "Keep the transformer frozen this long."})
     freeze_feature_encoder: str = field(default="auto", metadata={
         "help": "Keep the CNN feature encoder frozen: true (the paper's recipe for a pretrained CNN), false, or auto "
                 "(default: frozen when its weights were loaded from the checkpoint, trained when it starts random)."})
-    mask_time_prob: float = 0.5
-    mask_time_length: int = 10
+    mask_time_prob: float = field(default=0.5, metadata={"help": "SpecAugment time masking: share of frames starting a span (paper's fine-tuning: 0.5 for 100 h; use ~0.05 on short clips)."})
+    mask_time_length: int = field(default=10, metadata={"help": 'Frames per time-mask span (paper: 10).'})
     mask_time_min_masks: int = field(default=0, metadata={
         "help": "Spans every utterance gets whatever mask_time_prob says (transformers' default 2 hides 50-80 %% of "
                 "a short clip); the real masked fraction on the training set is logged."})
-    mask_feature_prob: float = 0.25
-    mask_feature_length: int = 64
-    layerdrop: float = 0.05
-    trust_remote_code: bool = False
-    hub_dataset_id_for_card: str | None = None
+    mask_feature_prob: float = field(default=0.25, metadata={"help": 'Channel masking probability (paper: 0.25 for 100 h).'})
+    mask_feature_length: int = field(default=64, metadata={"help": 'Channels per channel-mask span (paper: 64).'})
+    layerdrop: float = field(default=0.05, metadata={"help": 'Probability of skipping a transformer layer in training (paper: 0.05 for 100 h).'})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the checkpoint's own modeling code (only for checkpoints you trust)."})
+    hub_dataset_id_for_card: str | None = field(default=None, metadata={"help": "Hub dataset id named in the model card's metadata (for a local manifest)."})
 
     def __post_init__(self):
         if (self.model_name_or_path is None) == (self.model_preset is None):

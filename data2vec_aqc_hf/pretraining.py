@@ -57,27 +57,27 @@ class PretrainingArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config, e.g. 'all' or 'clean'."})
     train_split_name: str = field(default="train.clean.100+train.clean.360+train.other.500",
                                   metadata={"help": "Split(s), '+'-joined (LibriSpeech 960 h by default)."})
-    audio_column_name: str = field(default="audio")
+    audio_column_name: str = field(default="audio", metadata={"help": 'Audio column of the Hub dataset.'})
     split_channels: bool = field(default=False, metadata={"help": "Two-channel audio: one example per channel."})
     train_data: str | None = field(default=None, metadata={"help": "Local: audio dir, .csv or fairseq .tsv."})
     noise_dir: str | None = field(default=None, metadata={"help": "Background noise clips (e.g. MUSAN noise)."})
-    min_duration_in_seconds: float = 2.0
-    max_duration_in_seconds: float = 20.0
-    max_batch_duration_in_seconds: float = 240.0
-    dataloader_num_workers: int = 0
+    min_duration_in_seconds: float = field(default=2.0, metadata={"help": 'Clips shorter than this are skipped and counted (paper: 2 s; spoken digits need ~0.2 s).'})
+    max_duration_in_seconds: float = field(default=20.0, metadata={"help": 'Longer clips are randomly cropped to this (paper: 20 s = 320000 samples).'})
+    max_batch_duration_in_seconds: float = field(default=240.0, metadata={"help": 'Padded audio per batch and device (paper: 3.8 M samples = 237.5 s per GPU).'})
+    dataloader_num_workers: int = field(default=0, metadata={"help": 'DataLoader worker processes (0: load in the training process).'})
     # optimisation (data2vec-aqc base recipe)
-    learning_rate: float = 5e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_epsilon: float = 1e-6
-    weight_decay: float = 0.01
-    max_grad_norm: float = 10.0
+    learning_rate: float = field(default=5e-4, metadata={"help": 'Peak learning rate of the tri-stage schedule (paper: 5e-4).'})
+    adam_beta1: float = field(default=0.9, metadata={"help": 'Adam beta1 (paper: 0.9).'})
+    adam_beta2: float = field(default=0.98, metadata={"help": 'Adam beta2 (paper: 0.98).'})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": 'Adam epsilon (paper: 1e-6).'})
+    weight_decay: float = field(default=0.01, metadata={"help": 'AdamW weight decay (paper: 0.01).'})
+    max_grad_norm: float = field(default=10.0, metadata={"help": "Clip the gradient norm to this (0: no clipping; fairseq's data2vec recipe does not clip)."})
     max_nonfinite_updates: int = field(default=10, metadata={
         "help": "An update whose loss or gradient norm is NaN/inf is skipped (weights, optimizer, teacher untouched); "
                 "after this many in a row the run stops with an error (default 10)."})
-    warmup_ratio: float = 0.03
-    hold_ratio: float = 0.9
-    decay_ratio: float = 0.07
+    warmup_ratio: float = field(default=0.03, metadata={"help": 'Share of the run spent warming up linearly (tri-stage; paper: 0.03).'})
+    hold_ratio: float = field(default=0.9, metadata={"help": 'Share of the run at the peak learning rate (paper: 0.9).'})
+    decay_ratio: float = field(default=0.07, metadata={"help": 'Share of the run decaying to 5 %% of the peak (paper: 0.07).'})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer updates to run; the LR schedule spans them "
                                                          "(default without num_train_epochs: the paper's 400k)."})
     num_train_epochs: int | None = field(default=None, metadata={
@@ -91,19 +91,19 @@ class PretrainingArguments:
                 "for the paper's 400k updates; identical there). Applies to a model built from --model_preset (fields "
                 "set in --config_overrides are kept as given); a loaded "
                 "--model_name_or_path keeps the schedules saved in its config. See Data2VecAQCConfig.scale_schedules_to."})
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per optimizer update (to reach the paper's batch on fewer GPUs)."})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (the teacher stays fp32)."})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": 'Seed of the model init, the data order and every random draw of a step.'})
     # observability, checkpoints, hub
-    logging_steps: int = 10
-    save_steps: int = 1000
-    save_total_limit: int = 3
+    logging_steps: int = field(default=10, metadata={"help": 'Log the loss terms and diagnostics every this many updates (tensorboard, progress bar).'})
+    save_steps: int = field(default=1000, metadata={"help": 'Write a resumable checkpoint every this many updates.'})
+    save_total_limit: int = field(default=3, metadata={"help": 'Keep only the newest this many checkpoints (0: keep all).'})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint dir or 'latest'."})
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private_repo: bool | None = None
-    push_checkpoints: bool = False
-    report_to: str = "tensorboard"
+    push_to_hub: bool = field(default=False, metadata={"help": 'Upload the final model (and model card) to the Hub as --hub_model_id.'})
+    hub_model_id: str | None = field(default=None, metadata={"help": 'Hub repo id (user/name) for --push_to_hub.'})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": 'Create the Hub repo private.'})
+    push_checkpoints: bool = field(default=False, metadata={"help": 'Also upload every checkpoint folder (resumable by others) while training.'})
+    report_to: str = field(default="tensorboard", metadata={"help": 'Logger: tensorboard or none.'})
 
     def __post_init__(self):
         if (self.dataset_name is None) == (self.train_data is None):

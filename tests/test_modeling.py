@@ -1,9 +1,6 @@
 import json
 import re
 import math
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
