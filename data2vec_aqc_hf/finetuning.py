@@ -357,6 +357,9 @@ __all__ = ["normalize_text", "build_vocab", "make_processor", "read_manifest",
 class FinetuneArguments:
     """Data and model options of `training/finetune.py` (Trainer options come from `TrainingArguments`)."""
 
+    # HfArgumentParser lists these in their own group, before transformers' ~150 TrainingArguments
+    _argument_group_name = "data2vec-aqc fine-tuning options (the Trainer's own options follow)"
+
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Pretrained checkpoint (ours, local or Hub); leave out and give --model_preset to train from scratch."})
     model_preset: str | None = field(default=None, metadata={
@@ -435,6 +438,13 @@ def train_ctc(model, processor, train_set: CTCDataset, eval_set: CTCDataset | No
         trainer.remove_callback(ProgressCallback)
     trainer.train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     return trainer
+
+
+@dataclass
+class TrainerOptions(TrainingArguments):
+    """`TrainingArguments` unchanged, listed in `--help` as their own group after ours."""
+
+    _argument_group_name = "Trainer options (transformers.TrainingArguments)"
 
 
 def card_base_model(model_name_or_path: str | None, preset: str | None) -> dict:

@@ -7,13 +7,11 @@
 import json
 import logging
 
-from transformers import TrainingArguments
-
 from data2vec_aqc_hf.cli import parse_args
-from data2vec_aqc_hf.finetuning import FinetuneArguments, run_finetuning
+from data2vec_aqc_hf.finetuning import FinetuneArguments, TrainerOptions, run_finetuning
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args, training_args = parse_args((FinetuneArguments, TrainingArguments))
+    args, training_args = parse_args((FinetuneArguments, TrainerOptions))
     metrics = run_finetuning(args, training_args)
     print("METRICS " + json.dumps({k: v for k, v in metrics.items() if k != "examples"}))
