@@ -110,13 +110,30 @@ def _name(row) -> str:
     return audio if isinstance(audio, str) else (audio or {}).get("path") or "<bytes>"
 
 
+def num_frames(samples: int, config=None) -> int:
+    """CNN output frames for `samples` input samples (`config`'s conv stack; data2vec-audio's by default, the same
+    320x down-sampling in every preset)."""
+    from transformers import Data2VecAudioConfig
+
+    config = config or Data2VecAudioConfig()
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        samples = (samples - kernel) // stride + 1 if samples >= kernel else 0
+    return samples
+
+
+def ctc_min_frames(labels: list[int]) -> int:
+    """The fewest frames CTC can align `labels` to: one per label plus a blank between repeated labels."""
+    return len(labels) + sum(a == b for a, b in zip(labels, labels[1:]))
+
+
 class CTCDataset(torch.utils.data.Dataset):
     """Validated examples: each file is read once up front; unreadable, silent or too short files and empty
     transcripts are skipped with a warning naming the file; characters outside the vocabulary are reported and
-    mapped to `<unk>`. Audio is kept in memory (small corpora)."""
+    mapped to `<unk>`; a clip with fewer CNN frames than CTC needs for its transcript is skipped (its loss would be
+    infinite). Audio is kept in memory (small corpora)."""
 
     def __init__(self, rows, processor: Wav2Vec2Processor, min_samples: int = 400, lowercase=False,
-                 chars_to_remove=DEFAULT_CHARS_TO_REMOVE):
+                 chars_to_remove=DEFAULT_CHARS_TO_REMOVE, frame_config=None):
         self.examples, self.skipped = [], []
         vocab = processor.tokenizer.get_vocab()
         for row in rows:
@@ -134,6 +151,11 @@ class CTCDataset(torch.utils.data.Dataset):
             if oov:
                 logger.warning("%s: characters %s are not in the vocabulary; they become %s", name, oov, UNK)
             labels = processor.tokenizer(text).input_ids
+            frames, needed = num_frames(len(audio), frame_config), ctc_min_frames(labels)
+            if frames < needed:  # CTC cannot align: its loss is infinite (zeroed by ctc_zero_infinity) or NaN
+                self._skip(name, f"{len(audio) / TARGET_SAMPLING_RATE:.2f} s gives {frames} frames, too few for its "
+                                 f"{len(labels)} labels (CTC needs {needed})")
+                continue
             self.examples.append({"input_values": audio, "labels": labels, "text": text,
                                   "speaker_id": row.get("speaker_id", "unknown"), "name": name})
 

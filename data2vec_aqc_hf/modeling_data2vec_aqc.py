@@ -47,6 +47,8 @@ __all__ = [
     "Data2VecAQCForCTC",
     "Data2VecAQCForPreTrainingOutput",
     "receptive_field",
+    "samples_for_frames",
+    "minimum_pretraining_samples",
     "validate_input_values",
 ]
 
@@ -62,6 +64,21 @@ def receptive_field(config) -> int:
         field += (kernel - 1) * jump
         jump *= stride
     return field
+
+
+def samples_for_frames(config, frames: int) -> int:
+    """The fewest input samples for which the CNN feature encoder gives `frames` output frames (inverse of its
+    output-length formula, `floor((L - kernel) / stride) + 1` per layer)."""
+    samples = max(1, frames)
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
+        samples = (samples - 1) * stride + kernel
+    return samples
+
+
+def minimum_pretraining_samples(config) -> int:
+    """The shortest clip pretraining can use: enough frames for one mask span of `mask_time_length` plus one
+    unmasked frame (and two masked frames, so that a frame has a negative)."""
+    return samples_for_frames(config, max(config.mask_time_length + 1, 3))
 
 
 def validate_input_values(input_values, attention_mask, config) -> None:

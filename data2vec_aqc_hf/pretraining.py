@@ -436,9 +436,18 @@ def run_pretraining(args: PretrainingArguments) -> dict:
 
     source, description = build_source(args)
     stats = DataStats()
+    from .modeling_data2vec_aqc import minimum_pretraining_samples
+
+    min_samples = int(args.min_duration_in_seconds * TARGET_SAMPLING_RATE)
+    needed = minimum_pretraining_samples(model.config)
+    if min_samples < needed:  # shorter clips would fail in masking ("mask_length ... longer than the sequence")
+        accelerator.print(f"minimum clip length raised from {min_samples / TARGET_SAMPLING_RATE:.3f} s to "
+                          f"{needed / TARGET_SAMPLING_RATE:.3f} s: mask spans of {model.config.mask_time_length} "
+                          f"frames need {needed} samples")
+        min_samples = needed
     stream = PretrainingStream(
         source,
-        min_samples=int(args.min_duration_in_seconds * TARGET_SAMPLING_RATE),
+        min_samples=min_samples,
         max_samples=int(args.max_duration_in_seconds * TARGET_SAMPLING_RATE),
         max_batch_samples=int(args.max_batch_duration_in_seconds * TARGET_SAMPLING_RATE),
         seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,

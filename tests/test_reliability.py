@@ -213,3 +213,34 @@ def test_ctc_model_casts_int16_and_float64_input():
         assert torch.equal(model(x.double()).logits, reference)
         pcm = (x * 1000).to(torch.int16)
         assert torch.equal(model(pcm).logits, model(pcm.float()).logits)
+
+
+def test_short_clips_are_skipped_with_the_reason_derived_from_the_model(tmp_path, caplog):
+    """Pretraining's minimum follows from the mask span (samples_for_frames inverts the CNN's length formula);
+    fine-tuning skips a clip that has fewer frames than CTC needs for its transcript, naming it."""
+    import numpy as np
+    import soundfile as sf
+    from transformers import Data2VecAudioModel
+
+    from data2vec_aqc_hf import Data2VecAQCConfig
+    from data2vec_aqc_hf.finetuning import CTCDataset, build_vocab, ctc_min_frames, make_processor
+    from data2vec_aqc_hf.modeling_data2vec_aqc import minimum_pretraining_samples, samples_for_frames
+
+    config = Data2VecAQCConfig.from_preset("small")
+    backbone = Data2VecAudioModel(Data2VecAQCConfig.from_preset("tiny"))
+    for frames in (1, 6, 49):
+        n = samples_for_frames(config, frames)
+        assert int(backbone._get_feat_extract_output_lengths(n)) == frames
+        assert int(backbone._get_feat_extract_output_lengths(n - 1)) == frames - 1
+    assert minimum_pretraining_samples(config) == samples_for_frames(config, config.mask_time_length + 1)
+    assert ctc_min_frames([1, 2, 2, 3]) == 5
+
+    wave = np.sin(np.arange(16000) / 7.0).astype(np.float32) * 0.3
+    sf.write(tmp_path / "long.wav", wave, 16000)
+    sf.write(tmp_path / "short.wav", wave[:1600], 16000)  # 0.1 s = 4 frames
+    processor = make_processor(build_vocab(["SEVEN HUNDRED"]), tmp_path / "p")
+    rows = [{"audio": str(tmp_path / "long.wav"), "text": "SEVEN HUNDRED"},
+            {"audio": str(tmp_path / "short.wav"), "text": "SEVEN HUNDRED"}]
+    data = CTCDataset(rows, processor)
+    assert [e["name"] for e in data.examples] == [str(tmp_path / "long.wav")]
+    assert "short.wav: 0.10 s gives 4 frames, too few for its 13 labels (CTC needs 13)" in caplog.text
