@@ -313,10 +313,20 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         elif stats:
             yield {"data_stats": stats}
 
-    @staticmethod
-    def _skip(stats: DataStats, name, reason):
+    MAX_LISTED_SKIPS = 5
+
+    def _skip(self, stats: DataStats, name, reason):
+        """Count a skipped file; name the first few (each file once, not again every epoch), then say that the
+        rest are counted (the run's summary line gives the total)."""
         stats.skipped.append((name, reason))
-        logger.warning("skipping %s", reason if name and str(name) in reason else f"{name}: {reason}")
+        reported = self.__dict__.setdefault("_reported_skips", set())
+        if name in reported or len(reported) > self.MAX_LISTED_SKIPS:
+            return
+        reported.add(name)
+        if len(reported) <= self.MAX_LISTED_SKIPS:
+            logger.warning("skipping %s", reason if name and str(name) in reason else f"{name}: {reason}")
+        else:
+            logger.warning("more files are skipped (counted in the summary, not listed)")
 
 
 def iterate_batches(batches, stats: DataStats):

@@ -297,3 +297,22 @@ def test_hub_two_channel_switchboard_style_split(tmp_path):
     assert [e["channel"] for e in examples] == [0, 1]
     batches = _batches(_stream(stream_ds, shuffle_buffer=4))
     assert sum(b["input_values"].shape[0] for b in batches) == 2
+
+
+def test_skipped_files_are_named_once_not_every_epoch(tmp_path, caplog):
+    """Each skipped file is named once (not again in later epochs), at most five are listed, then one line says
+    the rest are counted; the counts stay complete."""
+    shutil.copy(demo_unlabeled_paths()[0], tmp_path / "good.flac")
+    for i in range(8):
+        sf.write(tmp_path / f"short{i}.wav", np.random.randn(8000).astype(np.float32), 16000)
+    stream = _stream(local_items(tmp_path))
+    stats = DataStats()
+    with caplog.at_level(logging.WARNING):
+        for epoch in range(3):
+            stream.set_epoch(epoch)
+            _batches(stream, stats)
+    assert len(stats.skipped) == 3 * 8  # every skip counted
+    lines = [r.getMessage() for r in caplog.records]
+    named = [line for line in lines if "short" in line and "shorter than the minimum" in line]
+    assert len(named) == 5 and len(set(named)) == 5, lines
+    assert lines.count("more files are skipped (counted in the summary, not listed)") == 1
