@@ -510,7 +510,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         if restart:
             accelerator.print(f"continuing epoch {state.epoch} at batch {state.batches_in_epoch} from data positions "
                               f"{restart[0]} (nothing re-read)")
-        loader = torch.utils.data.DataLoader(stream, **loader_kwargs)
+        # its own generator: a DataLoader without one draws its base seed from the global RNG at every epoch, which
+        # shifts dropout's random stream so that a resumed run would differ from an uninterrupted one
+        loader = torch.utils.data.DataLoader(stream, generator=torch.Generator().manual_seed(args.seed + state.epoch),
+                                             **loader_kwargs)
         batches_this_epoch = state.batches_in_epoch if restart else 0
         if state.positions is None:
             state.positions = [0] * max(1, args.dataloader_num_workers)

@@ -244,3 +244,18 @@ def test_short_clips_are_skipped_with_the_reason_derived_from_the_model(tmp_path
     data = CTCDataset(rows, processor)
     assert [e["name"] for e in data.examples] == [str(tmp_path / "long.wav")]
     assert "short.wav: 0.10 s gives 4 frames, too few for its 13 labels (CTC needs 13)" in caplog.text
+
+
+def test_resume_is_exact_with_dropout_and_layerdrop_on(tmp_path):
+    """Dropout and layerdrop draw from the global RNG; the DataLoader must not (it has its own generator), so a run
+    stopped at update 3 and resumed ends with the same weights as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    noisy = COMMON + ["--config_overrides", '{"hidden_dropout": 0.1, "attention_dropout": 0.1, "layerdrop": 0.1}',
+                      "--max_steps", "6", "--save_steps", "3"]
+    _launch(noisy + ["--output_dir", str(tmp_path / "full")])
+    _launch(noisy + ["--output_dir", str(tmp_path / "split"), "--stop_after_steps", "3"])
+    _launch(noisy + ["--output_dir", str(tmp_path / "split"), "--resume_from_checkpoint", "latest"])
+    a, b = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "split/model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
