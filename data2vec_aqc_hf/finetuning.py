@@ -536,6 +536,9 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
     eval_set = CTCDataset(eval_rows, processor, lowercase=args.lowercase, chars_to_remove=args.chars_to_ignore_regex)
     if len(train_set) == 0:
         raise ValueError(f"no usable training examples ({len(train_set.skipped)} skipped)")
+    if len(eval_set) == 0:  # WER over nothing is NaN, and would go into the metrics and the model card
+        raise ValueError(f"no usable evaluation examples ({len(eval_rows)} rows, {len(eval_set.skipped)} skipped): "
+                         f"check --eval_speakers / --eval_split_name")
     set_seed(training_args.seed)  # before the new lm_head is initialised, as transformers' example scripts do
     model = load_ctc_model(args.model_name_or_path, processor, args.mask_time_prob, args.mask_time_length,
                            args.mask_feature_prob, args.mask_feature_length, args.layerdrop, args.trust_remote_code,

@@ -259,3 +259,22 @@ def test_resume_is_exact_with_dropout_and_layerdrop_on(tmp_path):
     a, b = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "split/model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+
+def test_empty_evaluation_set_is_an_error_not_a_nan_wer(tmp_path):
+    from conftest import DEMO
+    from transformers import TrainingArguments
+
+    from data2vec_aqc_hf.finetuning import FinetuneArguments, run_finetuning
+
+    rows = (DEMO / "metadata.csv").read_text().splitlines()
+    header, lucas = rows[0], [r for r in rows[1:] if "fsdd_lucas" in r][:8]
+    manifest = tmp_path / "metadata.csv"
+    manifest.write_text("\n".join([header, *lucas, lucas[0].split(",")[0] + ",,fsdd_jackson"]) + "\n")
+    for row in lucas:
+        (tmp_path / row.split(",")[0]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / row.split(",")[0]).write_bytes((DEMO / row.split(",")[0]).read_bytes())
+    args = FinetuneArguments(model_preset="tiny", train_manifest=str(manifest), eval_speakers="fsdd_jackson")
+    targs = TrainingArguments(output_dir=str(tmp_path / "ft"), max_steps=1, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=r"no usable evaluation examples \(1 rows, 1 skipped\)"):
+        run_finetuning(args, targs)
