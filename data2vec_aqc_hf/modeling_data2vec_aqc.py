@@ -57,6 +57,14 @@ PRETRAINING_ONLY_KEYS = [r"^teacher(\.|_feature_)", r"^quantizer\.", r"^project_
                          r"^num_updates$"]
 
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_data2vec_aqc.Data2VecAQCConfig",
+    "AutoModel": "modeling_data2vec_aqc.Data2VecAQCModel",
+    "AutoModelForPreTraining": "modeling_data2vec_aqc.Data2VecAQCForPreTraining",
+    "AutoModelForCTC": "modeling_data2vec_aqc.Data2VecAQCForCTC",
+}
+
+
 def receptive_field(config) -> int:
     """Samples seen by one output frame of the CNN feature encoder (400 for the base model)."""
     field, jump = 1, 1
@@ -124,6 +132,13 @@ class Data2VecAQCPreTrainedModel(Data2VecAudioPreTrainedModel):
     config_class = Data2VecAQCConfig
     config: Data2VecAQCConfig
     base_model_prefix = "data2vec_audio"
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; the config's `auto_map` names every class of the package (not just
+        the saved one), so that with `trust_remote_code=True` and without this package installed, `AutoModel`,
+        `AutoModelForPreTraining` and `AutoModelForCTC` all load any of our checkpoints."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
