@@ -123,7 +123,10 @@ def load_fairseq_checkpoint(path: str | Path, trust_pickle: bool = False) -> dic
             f"{path}: not a PyTorch zip checkpoint (truncated, still downloading, or another format); "
             f"{path.stat().st_size} bytes")
     try:
-        if trust_pickle:
+        if trust_pickle:  # the user's explicit choice (--trust_pickle): full pickle, fairseq classes still stand-ins
+            import warnings
+
+            warnings.warn(f"{path}: unpickling with trust_pickle=True; code in this file can run", stacklevel=2)
             state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TrustedPickleModule)
         else:
             with torch.serialization.safe_globals(allowed_globals()):

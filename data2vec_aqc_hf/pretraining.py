@@ -246,12 +246,9 @@ def rank_state_file(checkpoint: Path, rank: int) -> Path:
 
 
 def load_checkpoint_safely(accelerator: Accelerator, checkpoint: Path) -> None:
-    """`accelerator.load_state`, where every pickle-format file (optimizer, RNG states) is read with
-    `weights_only=True` (nothing is registered for accelerate's `weights_only=False` custom objects); a file that
-    holds anything else is refused with an error naming the checkpoint."""
-    problem = checkpoint_problem(checkpoint)  # accelerate would skip an unreadable RNG file with a log line only
-    if problem is not None:
-        raise RuntimeError(problem)
+    """`accelerator.load_state` of a checkpoint returned by `resolve_checkpoint` (which has already read every
+    pickle-format file with `weights_only=True` and refused anything else, see `checkpoint_problem`); nothing is
+    registered for accelerate's `weights_only=False` custom objects."""
     legacy = sorted(checkpoint.glob("custom_checkpoint_*.pkl"))
     if not legacy:
         accelerator.load_state(str(checkpoint))
