@@ -288,3 +288,85 @@ def test_loss_reproducibility_with_dropout_needs_the_global_seed_too():
     assert loss(plain, 1) == loss(plain, 2)
     noisy = Data2VecAQCForPreTraining(tiny_config(hidden_dropout=0.1, attention_dropout=0.1, layerdrop=0.05)).train()
     assert loss(noisy, 1) == loss(noisy, 1) and loss(noisy, 1) != loss(noisy, 2)
+
+
+def test_greedy_decoding_never_reads_padded_frames(tmp_path):
+    """A padded row's frames past its length are padding: decoding must stop at the row's own frames. Logits whose
+    padded frames argmax to a letter decode to the unpadded text with lengths (and with `blank_padded_frames`), to a
+    longer, wrong text without."""
+    from data2vec_aqc_hf.finetuning import blank_padded_frames, decode_predictions, valid_frame_lengths
+    from data2vec_aqc_hf.modeling_data2vec_aqc import Data2VecAQCForCTC
+
+    processor = make_processor(build_vocab(["ONE TWO"]), tmp_path)
+    vocab = processor.tokenizer.get_vocab()
+    path = ["O", "N", "E", "<pad>", "<pad>", "T", "W", "O"]  # 8 frames of real audio; then 4 padded frames
+    logits = torch.full((1, 12, len(vocab)), -5.0)
+    for t, c in enumerate(path + ["N", "E", "N", "E"]):
+        logits[0, t, vocab[c]] = 5.0
+    assert decode_predictions(processor, logits.numpy()) == ["ONETWONENE"]
+    lengths = torch.tensor([8])
+    assert decode_predictions(processor, logits.numpy(), lengths) == ["ONETWO"]
+    blanked = blank_padded_frames(logits, lengths, processor.tokenizer.pad_token_id)
+    assert decode_predictions(processor, blanked.numpy()) == ["ONETWO"]
+    assert torch.equal(blanked[0, :8], logits[0, :8])
+    # valid frames from the attention mask follow the CNN length formula
+    model = Data2VecAQCForCTC(tiny_config(vocab_size=len(vocab)))
+    mask = torch.zeros(2, 16000, dtype=torch.long)
+    mask[0, :16000], mask[1, :8000] = 1, 1
+    assert valid_frame_lengths(model, mask, 49, 2).tolist() == [49, 24]
+
+
+def test_speed_perturbation_scales_length_and_pitch():
+    """`speed_perturb(x, f)` plays x f times faster: length / f and every frequency x f (a 440 Hz tone at factor 1.1
+    peaks at 484 Hz); factor 1 is the identity; the collator draws factors from torch's global RNG (seeded runs
+    repeat) and leaves audio untouched without `speed_perturbation`."""
+    from data2vec_aqc_hf.finetuning import CTCCollator, speed_perturb
+
+    sr = 16000
+    t = np.arange(sr) / sr
+    tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    for factor in (0.9, 1.1):
+        out = speed_perturb(tone, factor)
+        assert abs(len(out) - len(tone) / factor) <= 1
+        spectrum = np.abs(np.fft.rfft(out * np.hanning(len(out))))
+        peak_hz = np.argmax(spectrum) * sr / len(out)
+        assert abs(peak_hz - 440 * factor) < 2, (factor, peak_hz)
+    assert speed_perturb(tone, 1.0) is tone
+    with pytest.raises(ValueError):
+        speed_perturb(tone, 0.0)
+
+    import tempfile
+
+    processor = make_processor(build_vocab(["ONE"]), tempfile.mkdtemp())
+    features = [{"input_values": tone, "labels": [3, 4, 5]}]
+    plain = CTCCollator(processor)(features)
+    assert plain["input_values"].shape[1] == len(tone)
+    collator = CTCCollator(processor, speed_perturbation=(0.8, 1.2))
+    torch.manual_seed(3)
+    a = collator(features)["input_values"]
+    torch.manual_seed(3)
+    b = collator(features)["input_values"]
+    assert torch.equal(a, b) and a.shape[1] != len(tone)
+    assert int(round(len(tone) / 1.2)) - 1 <= a.shape[1] <= int(round(len(tone) / 0.8)) + 1
+
+
+def test_trainer_evaluates_on_clean_audio_while_training_on_perturbed(tmp_path):
+    """`CTCTrainer` batches evaluation data with the clean collator: an eval batch has the clip's own length,
+    a training batch the perturbed one."""
+    from data2vec_aqc_hf.finetuning import CTCCollator, CTCTrainer
+    from data2vec_aqc_hf.modeling_data2vec_aqc import Data2VecAQCForCTC
+
+    processor = make_processor(build_vocab(["ONE"]), tmp_path / "p")
+    data = [{"input_values": np.ones(8000, dtype=np.float32) * 0.1, "labels": [3, 4, 5]}] * 2
+    model = Data2VecAQCForCTC(tiny_config(vocab_size=len(processor.tokenizer)))
+    from transformers import TrainingArguments
+
+    trainer = CTCTrainer(model=model, args=TrainingArguments(str(tmp_path / "o"), report_to="none", use_cpu=True,
+                                                             per_device_train_batch_size=2,
+                                                             per_device_eval_batch_size=2),
+                         train_dataset=data, eval_dataset=data,
+                         data_collator=CTCCollator(processor, speed_perturbation=(0.5, 0.6)),
+                         eval_data_collator=CTCCollator(processor))
+    assert next(iter(trainer.get_eval_dataloader()))["input_values"].shape[1] == 8000
+    assert next(iter(trainer.get_test_dataloader(data)))["input_values"].shape[1] == 8000
+    assert next(iter(trainer.get_train_dataloader()))["input_values"].shape[1] > 8000 * 1.6

@@ -1,0 +1,98 @@
+"""Recipe probe for the learning issue: one CTC fine-tuning on some FSDD speakers, WER on a development speaker.
+
+Used to choose the fine-tuning recipe without touching the experiment's test speakers' results: the default split
+trains on jackson + lucas and evaluates on nicolas (fold yweweler's inner split; yweweler itself is never read).
+
+    python scripts/probe_recipe.py --init none --per_speaker 50 --steps 400 --speed 0.15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from data2vec_aqc_hf.experiment import load_corpus, low_resource_subset
+from data2vec_aqc_hf.finetuning import (CTCDataset, build_vocab, evaluate_rows, load_ctc_model, make_processor,
+                                        normalize_text, train_ctc)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--corpus_dir", default="../shared/speech_corpus")
+    p.add_argument("--init", default="none", help="'none' or a pretrained checkpoint folder")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--train_speakers", default="fsdd_jackson,fsdd_lucas")
+    p.add_argument("--dev_speaker", default="fsdd_nicolas")
+    p.add_argument("--per_speaker", type=int, default=50, help="0: all")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--speed", type=float, default=0.0, help="speed factors in [1-s, 1+s]; 0 = off")
+    p.add_argument("--mask_time_prob", type=float, default=0.05)
+    p.add_argument("--mask_time_length", type=int, default=4)
+    p.add_argument("--mask_feature_prob", type=float, default=0.0)
+    p.add_argument("--mask_feature_length", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--freeze_cnn", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default="")
+    p.add_argument("--out", default="outputs/probes.jsonl")
+    p.add_argument("--save", default=None, help="save the fine-tuned model and processor here")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    logging.basicConfig(level=logging.WARNING)
+    start = time.time()
+    rows, _, _ = load_corpus(Path(a.corpus_dir))
+    train_speakers = a.train_speakers.split(",")
+    rows = [r for r in rows if r["speaker_id"] in train_speakers + [a.dev_speaker]]
+    processor = make_processor(build_vocab([normalize_text(r["text"]) for r in rows]), tempfile.mkdtemp())
+    data = CTCDataset(rows, processor)
+    train = data.subset(lambda e: e["speaker_id"] in train_speakers)
+    if a.per_speaker:
+        train = low_resource_subset(train, a.per_speaker, a.seed)
+    dev = data.subset(lambda e: e["speaker_id"] == a.dev_speaker)
+    dev = low_resource_subset(dev, 200, 0)
+    set_seed(a.seed)
+    overrides = {}
+    if a.dropout is not None:
+        overrides = dict(hidden_dropout=a.dropout, attention_dropout=a.dropout, activation_dropout=a.dropout,
+                         feat_proj_dropout=a.dropout)
+    model = load_ctc_model(None if a.init == "none" else a.init, processor, mask_time_prob=a.mask_time_prob,
+                           mask_time_length=a.mask_time_length, mask_time_min_masks=0,
+                           mask_feature_prob=a.mask_feature_prob, mask_feature_length=a.mask_feature_length,
+                           layerdrop=0.0, freeze_feature_encoder=a.freeze_cnn,
+                           model_preset=a.preset if a.init == "none" else None, **overrides)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=a.lr,
+        warmup_steps=max(1, a.steps // 10), lr_scheduler_type="linear", weight_decay=0.01, adam_beta2=0.98,
+        max_grad_norm=5.0, logging_steps=max(1, a.steps // 10), save_strategy="no", eval_strategy="no",
+        report_to="none", seed=a.seed, use_cpu=True, train_sampling_strategy="group_by_length", disable_tqdm=True)
+    speed = (1 - a.speed, 1 + a.speed) if a.speed else None
+    trainer = train_ctc(model, processor, train, None, args, print_logs=False, speed_perturbation=speed)
+    train_s = time.time() - start
+    if a.save:
+        trainer.model.save_pretrained(a.save)
+        processor.save_pretrained(a.save)
+    fit = evaluate_rows(trainer.model, processor, low_resource_subset(train, 20, 1))
+    res = evaluate_rows(trainer.model, processor, dev)
+    curve = [(h["step"], round(h["loss"], 3)) for h in trainer.state.log_history if "loss" in h]
+    out = {"tag": a.tag, **{k: v for k, v in vars(a).items() if k not in ("out", "corpus_dir")},
+           "dev_wer": round(100 * res["wer"], 1), "dev_cer": round(100 * res["cer"], 1),
+           "fit_wer": round(100 * fit["wer"], 1), "train_s": round(train_s), "curve": curve,
+           "examples": res["examples"][:3]}
+    print(json.dumps(out), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
