@@ -41,7 +41,8 @@ def prepare_audio(
     min_samples: int = 0,
     channel: int | None = None,
 ) -> np.ndarray:
-    """Mono float32 at `target_sr`, checked: not empty, finite, not all zero, at least `min_samples` long.
+    """Mono float32 at `target_sr`, checked: not empty, finite, not all zero nor constant (a DC offset normalises
+    to all zeros), at least `min_samples` long.
     Multi-channel audio is averaged, or one `channel` is taken (e.g. one speaker of a telephone call)."""
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 2:  # (samples, channels) as soundfile returns it
@@ -59,6 +60,8 @@ def prepare_audio(
         raise AudioError(f"{source}: the audio contains NaN or infinite samples")
     if not sampling_rate or sampling_rate <= 0:
         raise AudioError(f"{source}: invalid sampling rate {sampling_rate!r}")
+    if audio[0] != 0 and not np.ptp(audio):  # checked before resampling, whose filter rings at the edges
+        raise AudioError(f"{source}: the audio is silent (every sample is {float(audio[0]):g}: a constant offset)")
     audio = resample(audio, int(sampling_rate), target_sr)
     if not np.any(audio):
         raise AudioError(f"{source}: the audio is silent (all samples are zero)")

@@ -3,7 +3,8 @@ batches bounded by total audio samples, sharded across processes and dataloader 
 
 Every source becomes a stream of examples `{"audio": <path | {"bytes", "path"}>, "channel": int | None}` that the
 package's one audio loader (`audio.load_audio_example`) decodes to mono 16 kHz. Unusable files (unreadable, empty,
-silent, too short) are skipped with a warning naming the file and counted in `DataStats`.
+silent or constant, too short) are skipped with a warning naming the file and counted in `DataStats`, and so is a
+random crop that falls on digital silence (it would normalise to an all-zero input).
 """
 
 from __future__ import annotations
@@ -300,10 +301,15 @@ class PretrainingStream(torch.utils.data.IterableDataset):
                 self._skip(stats, name, f"{len(audio) / TARGET_SAMPLING_RATE:.2f} s is shorter than the minimum "
                                         f"{self.min_samples / TARGET_SAMPLING_RATE:.2f} s")
                 continue
+            crop = random_crop(audio, self.max_samples, rng)
+            if not np.ptp(crop):  # digital silence: normalising gives an all-zero input, which trains on nothing
+                self._skip(stats, name, f"{name}: a {len(crop) / TARGET_SAMPLING_RATE:.2f} s random crop of it is "
+                                        f"silent (every sample {float(crop[0]):g}); skipped this time")
+                continue
             stats.loaded += 1
             if len(audio) > self.max_samples:
                 stats.cropped += 1
-            crop = normalize(random_crop(audio, self.max_samples, rng))
+            crop = normalize(crop)
             if self._closes_batch(max((len(w) for w in pending), default=0), len(pending), len(crop)):
                 yield batch(position)  # the next batch starts with this example
                 pending, stats = [], DataStats()
@@ -344,6 +350,25 @@ def check_usable(stats: DataStats, source_description: str) -> None:
         raise NoUsableAudioError(
             f"{source_description}: no usable audio ({len(stats.skipped)} file(s) skipped{': ' + examples if examples else ''})"
         )
+
+
+def no_usable_audio_error(reports: list[dict], source_description: str) -> NoUsableAudioError:
+    """The error when some process's share of an epoch held no usable audio, from every process's report
+    (`rank`, `epoch`, `empty`, `loaded` and `skipped` counts so far, `examples` of skipped files): each process
+    reads only its own share of the files, so every one needs at least one usable file."""
+    loaded, skipped = sum(r["loaded"] for r in reports), sum(r["skipped"] for r in reports)
+    examples = "; ".join(f"{n}: {r}" if n and str(n) not in r else r
+                         for report in reports for n, r in report["examples"])
+    examples = f": {examples}" if examples else ""
+    if loaded == 0:
+        return NoUsableAudioError(f"{source_description}: no usable audio ({skipped} file(s) skipped over all "
+                                  f"{len(reports)} processes{examples})")
+    empty = ", ".join(f"{r['rank']} (epoch {r['epoch']})" for r in reports if r["empty"])
+    return NoUsableAudioError(
+        f"{source_description}: process(es) {empty} of {len(reports)} found no usable audio in their share of the "
+        f"data (all processes so far: {loaded} file(s) loaded, {skipped} skipped{examples}). Each process reads "
+        f"its own share of the files and needs at least one usable file: with fewer usable files than processes, "
+        f"use fewer processes (accelerate launch --num_processes) or more data")
 
 
 def hours(num_samples: float) -> float:

@@ -2,6 +2,10 @@
 
 A step, top to bottom: forward (the objective lives in the model) -> backward -> clip -> optimizer and scheduler
 step -> EMA teacher update (advances the temperature/EMA schedules) -> log -> maybe checkpoint.
+
+Before every batch it trains on, each rank votes (`run_control.RankVote`): on a stop request (SIGTERM, SIGINT, the
+launcher exiting) all ranks stop together at the update boundary with a checkpoint, and a rank whose share of an
+epoch held no usable audio stops every rank with one clear error (instead of leaving the others waiting in DDP).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +39,15 @@ from .data import (
     local_items,
 )
 from .modeling_data2vec_aqc import Data2VecAQCForPreTraining
+from .run_control import (
+    LOCK_NAME,
+    OutputDirLock,
+    OutputDirLockedError,
+    RankVote,
+    StopRequests,
+    explained_write_errors,
+    folder_bytes,
+)
 from .schedules import tri_stage_schedule
 
 logger = logging.getLogger(__name__)
@@ -46,6 +60,9 @@ class PretrainingArguments:
     """Options of `training/pretrain.py` (flags, or a YAML/JSON file given as the only argument)."""
 
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "Where checkpoints and the model go."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Run even if another live run holds output_dir's lock (pretraining.lock; two runs would overwrite "
+                "each other's checkpoints). A lock left by a dead process is taken over anyway."})
     # model
     model_preset: str = field(default="base", metadata={
         "help": "Config preset: 'base' (the paper's model), 'small' (4.3M, learns on 2 CPU cores) or 'tiny' (tests)."})
@@ -275,26 +292,53 @@ def advance_scheduler(scheduler, steps: int) -> None:
             scheduler.step()
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int, state: TrainingState) -> Path:
-    """`accelerator.save_state` into a temporary folder renamed into place when complete, so an interrupted save
-    never replaces or corrupts the previous checkpoint; then keep only the newest `keep`."""
+def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int, state: TrainingState,
+                    needed_bytes: int = 0) -> Path:
+    """`accelerator.save_state` into a temporary folder renamed into place when complete, so an interrupted or
+    failed save never replaces or corrupts the previous checkpoint; only then are the oldest beyond `keep` removed.
+    A failed write (disk full: torch says only "basic_ios::clear") raises `CheckpointWriteError` naming the path,
+    the free space and the size needed (the previous checkpoint's, else `needed_bytes`)."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    # each rank's own step generator and data position (accelerate saves registered objects from rank 0 only)
-    torch.save(state.state_dict(), rank_state_file(tmp, accelerator.process_index))
+    previous = list_checkpoints(output_dir)
+    needed = folder_bytes(previous[-1]) if previous else needed_bytes
+    with explained_write_errors("checkpoint", final, needed, partial=tmp, kept=previous):
+        accelerator.save_state(str(tmp))
+        # each rank's own step generator and data position (accelerate saves registered objects from rank 0 only)
+        torch.save(state.state_dict(), rank_state_file(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Rename `new` to `final`; an existing `final` (a checkpoint of the same step) is moved aside first and removed
+    only after the rename, so a crash in between leaves one complete copy."""
+    if final.exists():
+        aside = final.with_name(f".old-{final.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(new, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(new, final)
+
+
+def estimate_checkpoint_bytes(model: Data2VecAQCForPreTraining) -> int:
+    """Bytes of a checkpoint before the first one exists: the weights (student, heads, teacher) plus AdamW's two
+    moments per trained parameter, plus 1 MB for RNG and training states."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = sum(2 * p.numel() * 4 for n, p in model.named_parameters()
+                  if p.requires_grad and not n.startswith("teacher."))
+    return weights + moments + 2 ** 20
 
 
 def health_warnings(out, step: int) -> dict[str, str]:
@@ -398,36 +442,60 @@ def with_last(iterable):
     yield item, True
 
 
-class EpochAgreement:
-    """Whether every rank has finished its epochs: one all-reduce of a CPU flag per update over a gloo group, so
-    the check never waits on the GPU."""
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group; a worker
+    that died of it would crash the training process before it can checkpoint). They end with the training
+    process, which stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def __init__(self, accelerator: Accelerator):
-        self.group = None
-        if accelerator.num_processes > 1:
-            self.group = torch.distributed.new_group(backend="gloo")
 
-    def all_done(self, done_here: bool) -> bool:
-        if self.group is None:
-            return done_here
-        flag = torch.tensor([int(done_here)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+def fail_without_usable_audio(vote: RankVote, stats: DataStats, description: str, epoch: int, empty_here: bool,
+                              rank: int) -> None:
+    """Every rank calls this once some rank's share of an epoch held no usable audio (the vote said so): raise on
+    every rank with the counts and skipped files of all ranks."""
+    from .data import no_usable_audio_error
+
+    reports = vote.gather({"rank": rank, "epoch": epoch, "empty": empty_here, "loaded": stats.loaded,
+                           "skipped": len(stats.skipped), "examples": stats.skipped[:3]})
+    raise no_usable_audio_error(reports, description)
 
 
 def run_pretraining(args: PretrainingArguments) -> dict:
-    """Pretrain and return a summary dict (also written to `output_dir/summary.json`)."""
+    """Pretrain and return a summary dict (also written to `output_dir/summary.json`). SIGTERM/SIGINT stop the run
+    after its current update with a checkpoint: the summary then has `stopped_by` (the signal's name)."""
+    with StopRequests() as stops:  # first: a signal during set-up is a stop request too
+        set_seed(args.seed)  # before building the model: its initial weights come from the seed
+        model = build_model(args)
+        kwargs = [DistributedDataParallelKwargs(find_unused_parameters=model.config.layerdrop > 0)]
+        accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=None if args.report_to == "none" else args.report_to,
+            project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                logging_dir=str(Path(args.output_dir) / "runs")),
+            kwargs_handlers=kwargs,
+        )
+        vote = RankVote(accelerator.num_processes)
+        lock = OutputDirLock(args.output_dir, args.overwrite_output_dir)
+        refused = None
+        if accelerator.is_main_process:
+            try:
+                lock.acquire()
+            except OutputDirLockedError as error:
+                refused = error
+        if vote.max(refused is not None)[0]:  # every rank stops, not only the one that holds the lock's answer
+            raise refused or OutputDirLockedError(f"{lock.path}: the main process could not lock the output "
+                                                  f"directory (its error says why)")
+        try:
+            return train(args, model, accelerator, vote, stops)
+        finally:
+            lock.release()
+
+
+def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: RankVote, stops: StopRequests) -> dict:
+    """The body of `run_pretraining`, inside its stop handlers and output-directory lock."""
     output_dir = Path(args.output_dir)
-    set_seed(args.seed)  # before building the model: its initial weights come from the seed
-    model = build_model(args)
-    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=model.config.layerdrop > 0)]
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
-        kwargs_handlers=kwargs,
-    )
     if args.noise_dir and model.config.use_aqc:
         model.augmenter.set_noise_bank(load_noise_bank(args.noise_dir))
 
@@ -449,7 +517,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         max_batch_samples=int(args.max_batch_duration_in_seconds * TARGET_SAMPLING_RATE),
         seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
-    loader_kwargs = dict(batch_size=None, num_workers=args.dataloader_num_workers)
+    loader_kwargs = dict(batch_size=None, num_workers=args.dataloader_num_workers,
+                         worker_init_fn=ignore_stop_signals if args.dataloader_num_workers else None)
     optimizer = build_optimizer(model, args)
     schedule_steps = args.max_steps
     if schedule_steps <= 0:  # epochs on local data: size the schedule from the file headers
@@ -472,6 +541,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     # weights_only=False, i.e. run code from the checkpoint): a resume rebuilds it from the step
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    checkpoint_bytes = estimate_checkpoint_bytes(unwrapped)
     state = TrainingState(args.seed + accelerator.process_index, accelerator.device, args.dataloader_num_workers)
 
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -489,15 +559,16 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                                                       for k, v in asdict(args).items()})
 
     stop_at = min(args.max_steps if args.max_steps > 0 else math.inf, args.stop_after_steps or math.inf)
-    epochs = EpochAgreement(accelerator) if args.num_train_epochs else None
     progress = tqdm(total=min(schedule_steps, stop_at), initial=state.step, desc="pretraining", unit="step",
                     disable=not accelerator.is_local_main_process)
     history, last_logs, warned, bad_updates = [], {}, set(), 0
+    saved_step, accumulated, stopped = state.step, 0, False  # the newest checkpoint's step; batches since an update
     start_time, start_samples = time.time(), state.samples_seen
     model.train()
-    # ranks leave the loop together: on the step limit, or when all agree their epochs are done (a rank whose shard
-    # ran out first keeps training on its next epoch's batches meanwhile, so DDP's collectives stay matched)
-    epochs_done = epochs is not None and epochs.all_done(state.epoch >= args.num_train_epochs)  # resumed at the end
+    # ranks leave the loop together: on the step limit, a stop request, or when all agree their epochs are done (a
+    # rank whose shard ran out first keeps training on its next epoch's batches meanwhile, so DDP's collectives
+    # stay matched)
+    epochs_done = bool(args.num_train_epochs) and vote.all(state.epoch >= args.num_train_epochs)  # resumed at the end
     while state.step < stop_at and not epochs_done:
         # resuming mid-epoch: start each worker at its saved position (nothing re-read) where that reproduces the
         # uninterrupted order exactly, else replay the consumed batches (read again, not trained on)
@@ -516,9 +587,16 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             state.positions = [0] * max(1, args.dataloader_num_workers)
         for batch, last_of_epoch in with_last(iterate_batches(loader, stats)):
             position = batch.pop("data_position", None)
+            batches_this_epoch += 1
+            if batches_this_epoch > state.batches_in_epoch:  # a batch to train on: every rank votes first
+                peer_without_data, stop = vote.max(0, stops.requested)
+                if peer_without_data:
+                    fail_without_usable_audio(vote, stats, description, state.epoch, False, accelerator.process_index)
+                if stop and accumulated == 0:  # at an update boundary; this batch is not trained on nor recorded
+                    stopped = True
+                    break
             if position is not None:
                 state.positions[int(position[0])] = int(position[1])
-            batches_this_epoch += 1
             if batches_this_epoch <= state.batches_in_epoch:  # replaying to the saved data position
                 continue
             batch_samples = int(batch["attention_mask"].sum())
@@ -537,6 +615,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch = batches_this_epoch
             state.samples_seen += batch_samples * accelerator.num_processes
+            accumulated = 0 if accelerator.sync_gradients else accumulated + 1
             if not accelerator.sync_gradients:
                 continue
             if not finite:  # weights, optimizer, schedule and teacher untouched; nothing non-finite is saved
@@ -553,7 +632,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             unwrapped.update_teacher()
             state.step += 1
             progress.update(1)
-            epochs_done = epochs is not None and epochs.all_done(state.epoch + last_of_epoch >= args.num_train_epochs)
+            epochs_done = bool(args.num_train_epochs) and vote.all(state.epoch + last_of_epoch >= args.num_train_epochs)
             if epochs_done and last_of_epoch:  # this rank's last epoch ended with this batch
                 state.next_epoch()
             if state.step % args.logging_steps == 0 or state.step == stop_at or epochs_done:
@@ -568,7 +647,9 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                         warned.add(kind)
                         logger.warning(warning)
             if state.step % args.save_steps == 0 or state.step == stop_at or epochs_done:
-                path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit, state)
+                path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit, state,
+                                       checkpoint_bytes)
+                saved_step = state.step
                 if args.push_to_hub and args.push_checkpoints and accelerator.is_main_process:
                     from .hub import push_folder
 
@@ -577,35 +658,64 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             if state.step >= stop_at or epochs_done:
                 break
         else:  # the epoch ended
+            if accelerator.num_processes > 1 and batches_this_epoch == 0:  # this rank's share had no usable audio
+                vote.max(1, stops.requested)  # matches the other ranks' vote before their next batch
+                fail_without_usable_audio(vote, stats, description, state.epoch, True, accelerator.process_index)
             if state.epoch == 0 or batches_this_epoch == 0:
                 check_usable(stats, description)
             state.next_epoch()
             continue
         break
     progress.close()
+    if stopped:
+        stop_message = stop_with_checkpoint(accelerator, args, output_dir, state, saved_step, stops, checkpoint_bytes)
     elapsed = time.time() - start_time
     accelerator.wait_for_everyone()
     summary = {
         "steps": state.step, "epochs_completed": state.epoch, "hours_seen": round(hours(state.samples_seen), 4),
         "audio_seconds_per_second": round((state.samples_seen - start_samples) / TARGET_SAMPLING_RATE
                                           / max(elapsed, 1e-9), 2),
-        "world_size": accelerator.num_processes, "data": stats.as_dict(),
+        "world_size": accelerator.num_processes,
+        "data": dict(zip(("loaded", "cropped", "skipped"), vote.sum(*stats.as_dict().values()))),  # all ranks
         "final": {k: round(v, 5) for k, v in last_logs.items()},
     }
-    finished = (0 < args.max_steps <= state.step) or bool(args.num_train_epochs and state.epoch >= args.num_train_epochs)
+    if stopped:
+        summary["stopped_by"] = stops.reason
+    finished = not stopped and ((0 < args.max_steps <= state.step)
+                                or bool(args.num_train_epochs and state.epoch >= args.num_train_epochs))
     if finished and accelerator.is_main_process:
-        finish(unwrapped, args, summary, history, output_dir, description)
+        finish(unwrapped, args, summary, history, output_dir, description, checkpoint_bytes)
     elif accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
+    if stopped:
+        accelerator.print(stop_message)
     return summary
 
 
-def finish(model, args, summary, history, output_dir: Path, description: str) -> None:
-    """Save the final model (safetensors + config + feature extractor + card), plot, push."""
+def stop_with_checkpoint(accelerator: Accelerator, args: PretrainingArguments, output_dir: Path,
+                         state: TrainingState, saved_step: int, stops: StopRequests, checkpoint_bytes: int) -> str:
+    """On a stop request (every rank agreed, at an update boundary): write the checkpoint of this step unless the
+    newest one already is; returns the message saying where the run can continue."""
+    if state.step > saved_step:
+        path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit, state, checkpoint_bytes)
+    elif state.step > 0:
+        path = Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.step}"
+    else:
+        return (f"stopped by {stops.reason}{stops.detail} before the first update: nothing to save; "
+                f"{output_dir} holds no new checkpoint")
+    return (f"stopped by {stops.reason}{stops.detail} after update {state.step}: checkpoint {path} is complete; "
+            f"continue with --resume_from_checkpoint latest (same --output_dir)")
+
+
+def finish(model, args, summary, history, output_dir: Path, description: str, needed_bytes: int = 0) -> None:
+    """Save the final model (safetensors + config + feature extractor + card), plot, push. A failed write (disk
+    full) names the path and the space; the checkpoints are kept."""
     from .cards import write_card
 
-    model.save_pretrained(output_dir, safe_serialization=True)
+    with explained_write_errors("the final model", output_dir / "model.safetensors", needed_bytes,
+                                kept=list_checkpoints(output_dir)[-1:]):
+        model.save_pretrained(output_dir, safe_serialization=True)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLING_RATE, padding_value=0.0,
                              do_normalize=True, return_attention_mask=True).save_pretrained(output_dir)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -630,12 +740,13 @@ def finish(model, args, summary, history, output_dir: Path, description: str) ->
         from .hub import push_folder
 
         push_folder(output_dir, args.hub_model_id, f"data2vec-aqc pretraining, {summary['steps']} steps",
-                    args.hub_private_repo)
+                    args.hub_private_repo, ignore_patterns=[LOCK_NAME])
 
 
 def main(argv=None) -> dict:
     """`training/pretrain.py` and `python -m data2vec_aqc_hf.pretraining`: flags or one YAML/JSON file; prints one
-    `SUMMARY {json}` line (main process only)."""
+    `SUMMARY {json}` line (main process only). A run stopped by a signal (checkpoint written) exits with 128 + the
+    signal's number (143 for SIGTERM, 130 for SIGINT), not 0: it has not finished."""
     from accelerate import PartialState
 
     from .cli import parse_args
@@ -645,6 +756,8 @@ def main(argv=None) -> dict:
     summary = run_pretraining(args)
     if PartialState().is_main_process:  # one summary line, not one per rank interleaved on a shared pipe
         print("SUMMARY " + json.dumps(summary), flush=True)
+    if summary.get("stopped_by"):
+        raise SystemExit(128 + int(signal.Signals[summary["stopped_by"]]))
     return summary
 
 

@@ -278,3 +278,357 @@ def test_empty_evaluation_set_is_an_error_not_a_nan_wer(tmp_path):
     targs = TrainingArguments(output_dir=str(tmp_path / "ft"), max_steps=1, report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match=r"no usable evaluation examples \(1 rows, 1 skipped\)"):
         run_finetuning(args, targs)
+
+
+# ----- stop requests (issue 9, item 3) ------------------------------------------------------------------------------
+STOP_RUN = COMMON + ["--max_steps", "8", "--save_steps", "100", "--report_to", "none", "--dataloader_num_workers", "2"]
+
+
+class _Started:
+    """A pretraining process whose stderr is collected by a thread (tqdm writes it without newlines)."""
+
+    def __init__(self, cmd, **popen):
+        import threading
+
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
+                                     **popen)
+        self.err, self.out = bytearray(), bytearray()
+        self.readers = [threading.Thread(target=self._read, args=(pipe, buf), daemon=True)
+                        for pipe, buf in ((self.proc.stderr, self.err), (self.proc.stdout, self.out))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(pipe, buf):
+        import os
+
+        while chunk := os.read(pipe.fileno(), 65536):
+            buf.extend(chunk)
+
+    def wait_for(self, text: bytes, timeout=120):
+        import time
+
+        deadline = time.time() + timeout
+        while text not in self.err and time.time() < deadline:
+            assert self.proc.poll() is None, self.text()
+            time.sleep(0.05)
+        assert text in self.err, self.text()
+
+    def finish(self, timeout=120):
+        """Wait until every process writing to the pipes (the training process too) has closed them."""
+        for reader in self.readers:
+            reader.join(timeout)
+            assert not reader.is_alive(), f"still writing after {timeout} s: {self.text()}"
+        return self.proc.wait(timeout)
+
+    def text(self):
+        return self.out.decode(errors="replace") + self.err.decode(errors="replace").replace("\r", "\n")[-4000:]
+
+
+def _pretrain_cmd(args):
+    return [sys.executable, str(ROOT / "training/pretrain.py")] + args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = subprocess.run(_pretrain_cmd(STOP_RUN + ["--output_dir", str(out)]), capture_output=True, text=True,
+                            env=_env(), cwd=ROOT, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(out / "model.safetensors")
+
+
+def _stopped_checkpoint(out):
+    from data2vec_aqc_hf.pretraining import checkpoint_problem, list_checkpoints
+
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1 and checkpoint_problem(checkpoints[0]) is None, checkpoints
+    assert not (out / "model.safetensors").exists() and not (out / "pretraining.lock").exists()
+    return int(checkpoints[0].name.split("-")[1])
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_update_with_a_checkpoint_and_the_resume_is_exact(tmp_path, uninterrupted_weights,
+                                                                                    signame):
+    """SIGTERM to the training process (a pre-empted job), SIGINT to its whole process group (Ctrl-C: the dataloader
+    workers get it too): the run finishes its update, writes a normal checkpoint, exits with 128 + the signal's
+    number; `--resume_from_checkpoint latest` then ends at the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    sig = getattr(signal, signame)
+    out = tmp_path / "run"
+    run = _Started(_pretrain_cmd(STOP_RUN + ["--output_dir", str(out)]), start_new_session=True)
+    run.wait_for(b"loss=")  # the first update is done
+    if sig == signal.SIGINT:
+        os.killpg(run.proc.pid, sig)
+    else:
+        run.proc.send_signal(sig)
+    assert run.finish() == 128 + sig, run.text()
+    assert f"stopped by {signame} after update" in run.text() and "Traceback" not in run.text(), run.text()
+    step = _stopped_checkpoint(out)
+    assert 1 <= step < 8, step
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == signame and summary["steps"] == step
+    result = subprocess.run(_pretrain_cmd(STOP_RUN + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"]),
+                            capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600, check=False)
+    assert result.returncode == 0 and f"at step {step}" in result.stdout, result.stderr[-3000:]
+    resumed = load_file(out / "model.safetensors")
+    assert resumed.keys() == uninterrupted_weights.keys()
+    difference = max((resumed[k].float() - uninterrupted_weights[k].float()).abs().max().item() for k in resumed)
+    print(f"{signame}: stopped after update {step} of 8; resumed: max |difference| {difference:.2g}")
+    assert difference <= 1e-6
+
+
+def _children(pid):
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _exited(pid, timeout):
+    """Whether `pid` is gone (or a zombie: exited, not yet reaped by its new parent) within `timeout` seconds."""
+    import time
+    from pathlib import Path
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux's")
+def test_a_signal_to_the_accelerate_launcher_alone_leaves_no_training_process_running(tmp_path):
+    """`accelerate launch` (one process) does not forward signals: SIGTERM to the launcher alone killed the launcher
+    and left the training process running on, orphaned. Now the training process gets SIGTERM when its launcher
+    dies (prctl PR_SET_PDEATHSIG), checkpoints after its update and exits."""
+    import signal
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    args = STOP_RUN + ["--output_dir", str(out), "--max_steps", "60"]
+    run = _Started([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    str(ROOT / "training/pretrain.py")] + args)
+    run.wait_for(b"loss=")
+    (child,) = [pid for pid in _children(run.proc.pid) if b"pretrain.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    run.proc.send_signal(signal.SIGTERM)
+    run.proc.wait(60)
+    run.finish(timeout=120)  # the training process closed its end of the pipes
+    assert _exited(child, timeout=60), "the training process is still running: " + run.text()
+    assert f"the launcher, pid {run.proc.pid}, exited" in run.text(), run.text()
+    assert "stopped by SIGTERM" in run.text(), run.text()
+    assert _stopped_checkpoint(out) < 60
+
+
+# ----- data checks over all ranks (issue 9, item 5) -----------------------------------------------------------------
+def _two_rank_run(args):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "training/pretrain.py")] + args
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(_env(), ACCELERATE_USE_CPU="1"), cwd=ROOT,
+                          timeout=300, check=False)
+
+
+def _clips_and_broken_files(directory, clips, broken):
+    import shutil
+
+    from conftest import demo_unlabeled_paths
+
+    directory.mkdir()
+    for path in demo_unlabeled_paths()[:clips]:
+        shutil.copy(path, directory / path.name)
+    for i in range(broken):
+        (directory / f"broken{i}.wav").write_bytes(b"not audio")
+    return directory
+
+
+def test_two_ranks_report_the_data_counts_of_both_ranks(tmp_path):
+    """4 clips and 2 broken files, each rank reads its share (3 files, one broken) once: the summary counts both
+    shares (it counted rank 0's: 2 loaded, 1 skipped)."""
+    from data2vec_aqc_hf.data import PretrainingStream, local_items
+
+    data = _clips_and_broken_files(tmp_path / "data", 4, 2)
+    items = local_items(data)
+    broken = {i for i, item in enumerate(items) if "broken" in item["audio"]}
+
+    def shares(seed):
+        stream = PretrainingStream(items, 1, 48000, 48000, seed=seed, world_size=2)
+        return [set(stream._local_order(0, 1, 0, rank)) for rank in range(2)]
+
+    seed = next(s for s in range(100) if all(len(share & broken) == 1 for share in shares(s)))  # equal shares
+    result = _two_rank_run(COMMON + ["--train_data", str(data), "--output_dir", str(tmp_path / "out"), "--seed",
+                                     str(seed), "--num_train_epochs", "1", "--max_batch_duration_in_seconds", "3",
+                                     "--save_steps", "100", "--report_to", "none"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = __import__("json").loads([line for line in result.stdout.splitlines()
+                                        if line.startswith("SUMMARY ")][-1][len("SUMMARY "):])
+    assert summary["world_size"] == 2 and summary["steps"] == 2, summary
+    assert summary["data"] == {"loaded": 4, "cropped": 4, "skipped": 2}, summary["data"]
+
+
+def test_two_ranks_with_fewer_usable_files_than_processes_stop_together_with_a_clear_error(tmp_path):
+    """One clip and one broken file for two processes: one rank's share has no usable audio. Every rank stops at
+    once with the counts of both (the rank with the broken file used to raise 'no usable audio' alone, while
+    the other waited for it in DDP)."""
+    data = _clips_and_broken_files(tmp_path / "data", 1, 1)
+    result = _two_rank_run(COMMON + ["--train_data", str(data), "--output_dir", str(tmp_path / "out"),
+                                     "--max_steps", "4", "--report_to", "none"])
+    assert result.returncode != 0
+    message = "found no usable audio in their share of the data (all processes so far: 1 file(s) loaded, 1 skipped"
+    for rank in (0, 1):  # raised on both ranks
+        assert any(line.startswith(f"[rank{rank}]:") and message in line for line in result.stderr.splitlines()), \
+            result.stderr[-4000:]
+    assert "broken0.wav: cannot decode audio" in result.stderr and "fewer usable files than processes" in result.stderr
+
+
+# ----- one run per output directory, disk full, all-zero audio (issue 9, item 9) -----------------------------------
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread, as the subprocess runs (OMP_NUM_THREADS=1): two threads on two shared cores
+    were several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_args(out, **kw):
+    from conftest import DEMO
+
+    from data2vec_aqc_hf.pretraining import PretrainingArguments
+
+    values = {"output_dir": str(out), "model_preset": "tiny", "train_data": str(DEMO / "unlabeled.csv"),
+              "max_duration_in_seconds": 3, "max_batch_duration_in_seconds": 12, "max_steps": 2, "save_steps": 1,
+              "report_to": "none"}
+    return PretrainingArguments(**{**values, **kw})
+
+
+def test_a_second_run_into_a_used_output_dir_is_refused_and_a_stale_lock_is_taken_over(tmp_path, caplog,
+                                                                                         one_thread):
+    """Run A holds output_dir's lock: run B into the same directory stops before training, naming A's pid and
+    --overwrite_output_dir; a lock left by a dead process is taken over with a warning; the lock goes at the end."""
+    import json
+    import signal
+    import socket
+
+    from data2vec_aqc_hf.pretraining import run_pretraining
+    from data2vec_aqc_hf.run_control import OutputDirLock, OutputDirLockedError
+
+    out = tmp_path / "run"
+    first = _Started(_pretrain_cmd(STOP_RUN + ["--output_dir", str(out), "--max_steps", "200"]))
+    try:
+        first.wait_for(b"loss=")
+        with pytest.raises(OutputDirLockedError, match=rf"another pretraining run \(pid {first.proc.pid} on .*"
+                                                       rf"--overwrite_output_dir"):
+            run_pretraining(_tiny_args(out))
+        assert first.proc.poll() is None  # the first run goes on
+        with caplog.at_level("WARNING"):  # a live holder is taken over only with --overwrite_output_dir
+            taken = OutputDirLock(out, overwrite=True)
+            taken.acquire()
+        assert f"--overwrite_output_dir: taking over {out / 'pretraining.lock'} from pid {first.proc.pid}" in caplog.text
+        taken.release()
+    finally:
+        first.proc.send_signal(signal.SIGTERM)
+        first.finish()
+    assert not (out / "pretraining.lock").exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "pretraining.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with caplog.at_level("WARNING"):
+        summary = run_pretraining(_tiny_args(out, resume_from_checkpoint="latest", max_steps=_newest_step(out) + 1))
+    assert f"taking over the stale lock {out / 'pretraining.lock'} of pid {dead.pid}" in caplog.text
+    assert summary["steps"] == _newest_step(out) and not (out / "pretraining.lock").exists()
+
+
+def _newest_step(out):
+    from data2vec_aqc_hf.pretraining import list_checkpoints
+
+    return int(list_checkpoints(out)[-1].name.split("-")[1])
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "basic_ios"])
+def test_disk_full_while_checkpointing_names_the_path_and_space_and_keeps_the_older_checkpoint(tmp_path, monkeypatch,
+                                                                                                one_thread, error):
+    """The second checkpoint's write fails as on a full disk (an OSError ENOSPC, or torch's RuntimeError
+    'basic_ios::clear'), after writing part of a file: the error names the checkpoint, the free space and the size
+    needed; the first checkpoint is complete and kept (save_total_limit 1 does not rotate it out), the partial
+    folder is removed."""
+    import errno
+    from pathlib import Path
+
+    import accelerate
+
+    from data2vec_aqc_hf.pretraining import checkpoint_problem, run_pretraining
+    from data2vec_aqc_hf.run_control import CheckpointWriteError
+
+    real, calls = accelerate.Accelerator.save_state, []
+
+    def full_disk(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        if len(calls) < 2:
+            return real(self, output_dir, **kw)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+        if error == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0 basic_ios::clear")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError) as raised:
+        run_pretraining(_tiny_args(out, max_steps=3, save_total_limit=1))
+    message = str(raised.value)
+    root = out / "checkpoints"
+    assert f"writing checkpoint {root / 'checkpoint-2'} failed" in message, message
+    assert ("No space left on device" if error == "ENOSPC" else "basic_ios::clear") in message
+    assert f"free on the file system of {root}, checkpoint needs about" in message and " MB" in message, message
+    assert f"Kept, complete: {root / 'checkpoint-1'}" in message, message
+    assert checkpoint_problem(root / "checkpoint-1") is None
+    assert not (root / ".tmp-checkpoint-2").exists() and not (root / "checkpoint-2").exists()
+    assert not (out / "pretraining.lock").exists()
+
+
+def test_constant_files_and_silent_crops_are_skipped_and_counted_not_trained_on(tmp_path, caplog):
+    """A file holding a constant offset and random crops that fall on digital silence normalise to an all-zero
+    input (trained on silently before): skipped with a warning naming the file, counted; every batch has signal."""
+    import numpy as np
+    import soundfile as sf
+
+    from data2vec_aqc_hf.audio import AudioError, load_audio
+    from data2vec_aqc_hf.data import DataStats, PretrainingStream, iterate_batches, local_items
+
+    sf.write(tmp_path / "offset.wav", np.full(32000, 0.25, dtype=np.float32), 16000)
+    tail = np.zeros(16000 * 8, dtype=np.float32)
+    tail[:16000] = 0.3 * np.sin(np.arange(16000) / 5.0)
+    sf.write(tmp_path / "speech_then_silence.wav", tail, 16000)
+    with pytest.raises(AudioError, match=r"offset\.wav: the audio is silent \(every sample is 0\.25: a constant"):
+        load_audio(tmp_path / "offset.wav")
+    stream = PretrainingStream(local_items(tmp_path), min_samples=8000, max_samples=16000, max_batch_samples=16000)
+    stats, batches = DataStats(), []
+    with caplog.at_level("WARNING"):
+        for epoch in range(6):
+            stream.set_epoch(epoch)
+            batches += list(iterate_batches(stream, stats))
+    silent_crops = [r for n, r in stats.skipped if "random crop of it is silent" in r]
+    assert silent_crops and stats.loaded == len(batches) and len(stats.skipped) == 6 + len(silent_crops)
+    assert all(float(b["input_values"].std()) > 0.5 for b in batches)
+    assert "offset.wav: the audio is silent" in caplog.text and "random crop of it is silent" in caplog.text
