@@ -99,10 +99,19 @@ class ExperimentArguments:
                 "freeze_finetune_updates; the paper freezes half the run)."})
     mask_time_prob: float = 0.05
     mask_time_length: int = 4
+    speed_perturbation: float = field(default=0.15, metadata={
+        "help": "Fine-tuning clips play at a random speed in [1 - s, 1 + s] (0: off); test audio is never changed."})
     jobs: int = field(default=2, metadata={
         "help": "Runs in parallel, one thread each (a model this small uses 2 cores better as 2 runs than as 1 run "
                 "with 2 threads); 1 on a GPU."})
     snrs: str = field(default="10,5,0", metadata={"help": "SNRs (dB) of the noisy test conditions."})
+    probe_representations: bool = field(default=True, metadata={
+        "help": "Before fine-tuning, a linear probe of the spoken digit on each pretrained (and a random) encoder's "
+                "layers, fitted on the training speakers, scored on the test speaker (a minute per model)."})
+    lm_decoding: bool = field(default=True, metadata={
+        "help": "Also decode the clean test set with a word bigram LM of the *training* transcripts (column "
+                "`clean_lm`; KenLM beam search, needs the [lm] extra; skipped with a warning without it). Greedy "
+                "decoding stays the primary number."})
     noisy_per_digit: int = field(default=50, metadata={
         "help": "Test utterances per digit in each noisy condition (50 = all of FSDD's, the clean set; fewer makes "
                 "noisy and clean numbers come from different utterances)."})
@@ -124,9 +133,21 @@ class ExperimentArguments:
         return max(1, round(n * self.scale))
 
 
-def conditions(snrs: list[float]) -> list[str]:
-    """Test condition names: `clean`, then `white_10`, `babble_10`, ... per SNR."""
-    return ["clean"] + [f"{kind}_{snr:g}" for snr in snrs for kind in NOISE_KINDS]
+def conditions(snrs: list[float], lm: bool = False) -> list[str]:
+    """Test condition names: `clean`, (`clean_lm`), then `white_10`, `babble_10`, ... per SNR."""
+    return ["clean"] + (["clean_lm"] if lm else []) + [f"{kind}_{snr:g}" for snr in snrs for kind in NOISE_KINDS]
+
+
+def lm_transcriber(model, processor, texts: list[str], path: Path):
+    """A KenLM beam-search transcriber scored by a word bigram of `texts` (the run's training transcripts), or None
+    when pyctcdecode/kenlm are not installed."""
+    try:
+        from .lm import LMTranscriber, write_bigram_arpa
+
+        return LMTranscriber(model, processor, write_bigram_arpa(texts, path)).transcribe_arrays
+    except ImportError as err:
+        logger.warning("clean_lm skipped: %s", err)
+        return None
 
 
 # ----- data -------------------------------------------------------------------------------------------------------
@@ -185,7 +206,7 @@ def finetune_settings(args: ExperimentArguments) -> dict:
         "low_resource_per_speaker", "pretrain_on_test_speaker_audio", "finetune_steps_low", "finetune_steps_full",
         "finetune_learning_rate", "finetune_batch_size", "freeze_feature_encoder", "freeze_transformer_steps",
         "mask_time_prob",
-        "mask_time_length", "snrs", "noisy_per_digit")}}
+        "mask_time_length", "speed_perturbation", "snrs", "noisy_per_digit", "lm_decoding")}}
 
 
 def _finished(path: Path, settings: dict) -> bool:
@@ -245,6 +266,95 @@ def run_commands(commands: list[tuple[str, list[str]]], jobs: int, log_dir: Path
             print(f"[pretrain] {name}: done", flush=True)
 
 
+# ----- pretraining diagnostic: a linear probe ---------------------------------------------------------------------
+def pooled_hidden_states(model, arrays: list[np.ndarray]) -> torch.Tensor:
+    """Time-averaged hidden states of every layer (the input to the first transformer layer, then each layer's
+    output) of a `Data2VecAudioModel` for each 16 kHz array, one clip at a time: `(clips, layers + 1, hidden)`."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    pooled = []
+    model.eval()
+    with torch.no_grad():
+        for audio in arrays:
+            x = extractor(audio, sampling_rate=16000, return_tensors="pt")["input_values"]
+            hidden = model(x.to(model.device), output_hidden_states=True).hidden_states
+            pooled.append(torch.stack([h[0].mean(0) for h in hidden]).float().cpu())
+    return torch.stack(pooled)
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                          steps: int = 300, seed: int = 0) -> float:
+    """Accuracy on `test_x` of a softmax regression fitted on `train_x` (features standardised with the training
+    statistics; Adam, weight decay 1e-3, full batch): how linearly the classes can be read from the features."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-5
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    w = (0.01 * torch.randn(train_x.shape[1], classes, generator=g)).requires_grad_()
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(train_x @ w + b, train_y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((test_x @ w + b).argmax(-1) == test_y).float().mean())
+
+
+def representation_probe(encoders: dict, fsdd: CTCDataset, folds: list[str], every: int = 2) -> dict:
+    """For each encoder (`name -> Data2VecAudioModel`): per fold, a linear probe of the spoken digit on the
+    time-averaged hidden states of each layer, fitted on the other speakers' clips and scored on the fold's
+    speaker (every `every`-th clip). Chance is 10 %. Returns `{name: {"by_layer": [mean accuracy over folds per
+    layer], "per_fold": {fold: [...]}}}`: whether pretraining put the word, in a form that carries over to a new
+    speaker, into the representation before any label was seen."""
+    examples = fsdd.examples[::every]
+    texts = sorted({e["text"] for e in examples})
+    labels = torch.tensor([texts.index(e["text"]) for e in examples])
+    speakers = np.array([e["speaker_id"] for e in examples])
+    out = {}
+    for name, model in encoders.items():
+        pooled = pooled_hidden_states(model, [e["input_values"] for e in examples])
+        per_fold = {}
+        for fold in folds:
+            test = torch.from_numpy(speakers == fold)
+            per_fold[fold] = [round(linear_probe_accuracy(pooled[~test, k], labels[~test], pooled[test, k],
+                                                          labels[test]), 4) for k in range(pooled.shape[1])]
+        out[name] = {"by_layer": [float(np.mean([v[k] for v in per_fold.values()]))
+                                  for k in range(pooled.shape[1])], "per_fold": per_fold}
+    return out
+
+
+def run_representation_probe(args, out: Path, pretrained: dict, fsdd_rows: list[dict], folds: list[str]) -> dict:
+    """`representation_probe` of a randomly initialised encoder ("none") and each pretrained one, cached in
+    `out/representation_probe.json` (redone when the pretraining settings change). Only for the shared pretraining
+    (`pretrain_on_test_speaker_audio`); per-fold pretrainings are not probed."""
+    if not args.pretrain_on_test_speaker_audio:
+        return {}
+    cache = out / "representation_probe.json"
+    settings = {**pretrain_settings(args), "folds": folds}
+    if _finished(cache, settings):
+        return json.loads(cache.read_text())["probe"]
+    from transformers import Data2VecAudioModel
+
+    from .configuration_data2vec_aqc import Data2VecAQCConfig
+    from .modeling_data2vec_aqc import Data2VecAQCForPreTraining
+
+    print("linear probe of the digit on each encoder's layers (random init and each pretrained model)", flush=True)
+    set_seed(0)
+    encoders = {"none": Data2VecAudioModel(Data2VecAQCConfig.from_preset(args.model_preset).to_data2vec_audio_config())}
+    for (objective, _), path in sorted(pretrained.items()):
+        if objective not in encoders:
+            encoders[objective] = Data2VecAQCForPreTraining.from_pretrained(path).data2vec_audio
+    import tempfile
+
+    processor = make_processor(build_vocab([normalize_text(r["text"]) for r in fsdd_rows]), tempfile.mkdtemp())
+    probe = representation_probe(encoders, CTCDataset(fsdd_rows, processor), folds)
+    cache.write_text(json.dumps({"settings": settings, "probe": probe}, indent=1))
+    return probe
+
+
 # ----- one fine-tuning run ----------------------------------------------------------------------------------------
 def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_set, noisy_set, fit_set, processor,
                       babble_bank, seed: int, steps: int, run_dir: Path, labels: str = "") -> dict:
@@ -265,11 +375,16 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
         eval_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length", disable_tqdm=True,
     )
+    speed = (1 - args.speed_perturbation, 1 + args.speed_perturbation) if args.speed_perturbation else None
     trainer = train_ctc(model, processor, train_set, None, training_args, args.freeze_transformer_steps,
-                        print_logs=False)
+                        print_logs=False, speed_perturbation=speed)
     model = trainer.model
     train_seconds = time.time() - start
     metrics = {"clean": evaluate_rows(model, processor, test_set)}
+    if args.lm_decoding:
+        transcribe = lm_transcriber(model, processor, [e["text"] for e in train_set.examples], run_dir / "lm.arpa")
+        if transcribe is not None:
+            metrics["clean_lm"] = evaluate_rows(model, processor, test_set, transcribe=transcribe)
     for snr in args.snr_list:
         for kind in NOISE_KINDS:
             metrics[f"{kind}_{snr:g}"] = evaluate_rows(model, processor, noisy_set, snr_db=snr, seed=seed,
@@ -366,6 +481,8 @@ def run_experiment(args: ExperimentArguments) -> dict:
     for path in set(pretrained.values()):
         (path / "experiment_settings.json").write_text(json.dumps({"settings": pretrain_settings(args)}))
 
+    probe = run_representation_probe(args, out, pretrained, fsdd_rows, folds) if args.probe_representations else {}
+
     # 2-3. fine-tune and test every arm, `jobs` at a time in worker processes
     arms = [dict(seed=seed, fold=fold, labels=labels, init=init) for seed in args.seed_list for fold in folds
             for labels in args.label_set_list for init in args.objectives_list]
@@ -414,9 +531,9 @@ def run_experiment(args: ExperimentArguments) -> dict:
     # 4. report
     sanity = [r for r in results if r["labels"] == "sanity"]
     results = [r for r in results if r["labels"] != "sanity"]
-    summary = summarize(results, conditions(args.snr_list))
+    summary = summarize(results, conditions(args.snr_list, args.lm_decoding))
     report = {"arguments": {k: v for k, v in asdict(args).items()}, "summary": summary, "runs": results,
-              "sanity": sanity[0] if sanity else None,
+              "sanity": sanity[0] if sanity else None, "representation_probe": probe,
               "machine": machine_description(), "command": " ".join(["python", *sys.argv]), "wall_minutes": round((time.time() - started) / 60, 1),
               "pretraining": {p.name: json.loads((p / "summary.json").read_text())
                               for p in sorted(set(pretrained.values()))}}
@@ -474,7 +591,7 @@ def plot_results(summary: dict, args: ExperimentArguments, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = conditions(args.snr_list)
+    names = conditions(args.snr_list, args.lm_decoding)
     label_sets = [l for l in ("low", "full") if l in summary]
     fig, axes = plt.subplots(1, len(label_sets), figsize=(7 * len(label_sets), 4.2), squeeze=False)
     for ax, labels in zip(axes[0], label_sets):
@@ -499,7 +616,7 @@ def plot_results(summary: dict, args: ExperimentArguments, path: Path) -> None:
 
 
 def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
-    summary, names = report["summary"], conditions(args.snr_list)
+    summary, names = report["summary"], conditions(args.snr_list, args.lm_decoding)
     lines = [
         "# Learning experiment: does pretraining help on unseen speakers? (FSDD, CPU scale)",
         "",
@@ -517,13 +634,16 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
         f". CTC fine-tuning: `low` = {args.low_resource_per_speaker} utterances per training speaker "
         f"({args.steps(args.finetune_steps_low)} updates), `full` = all of them (500 per speaker) "
         f"({args.steps(args.finetune_steps_full)} updates); batch {args.finetune_batch_size}, lr "
-        f"{args.finetune_learning_rate:g}, time masking {args.mask_time_prob:g} x {args.mask_time_length} frames, CNN "
+        f"{args.finetune_learning_rate:g}, time masking {args.mask_time_prob:g} x {args.mask_time_length} frames, "
+        f"speed perturbation of the training clips {1 - args.speed_perturbation:g}-{1 + args.speed_perturbation:g}x, CNN "
         f"{'frozen' if args.freeze_feature_encoder else 'trained'}; the same recipe for every initialisation, no "
         "checkpoint selection. Test: the held-out speaker, rotated over "
         f"{len({r['test_speaker'] for r in report['runs']})} speakers, seeds {args.seeds}; clean = all "
         f"{report['runs'][0].get('num_test', '?')} utterances of the speaker, noisy = "
         f"{report['runs'][0].get('num_noisy_test', '?')} (white Gaussian, or babble of 4 LibriSpeech test-other "
-        "talkers never used in pretraining). Greedy CTC decoding, no LM.",
+        "talkers never used in pretraining). Greedy CTC decoding, no LM"
+        + ("; `clean_lm`: the clean set decoded with a word bigram LM of the run's own training transcripts (KenLM "
+           "beam search: it knows the ten digit words, nothing about the test speaker)." if args.lm_decoding else "."),
         "",
         *reduced_design_note(report, args),
         "## WER on the unseen speaker (%), mean ± std over folds x seeds",
@@ -550,6 +670,19 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
                      f"{sanity['train_seconds'] / 60:.1f} min with {sanity.get('threads', '?')} thread(s))")
     lines += target_lines(summary, names)
     lines += ["", "## Pretraining diagnostics", ""]
+    probe = report.get("representation_probe") or {}
+    if probe:
+        layers = len(next(iter(probe.values()))["by_layer"])
+        lines += ["Linear probe of the spoken digit (10 classes, chance 10 %) on each layer's time-averaged hidden "
+                  "states, before any fine-tuning: fitted on the three training speakers' clips, accuracy (%) on the "
+                  "unseen speaker, mean over folds. Layer 0 is the transformer's input (CNN + projection), "
+                  f"1-{layers - 1} the transformer layers' outputs.", "",
+                  "| encoder | " + " | ".join(f"layer {k}" for k in range(layers)) + " |",
+                  "|---|" + "---:|" * layers]
+        for name, entry in probe.items():
+            lines.append(f"| {'random init' if name == 'none' else name} | "
+                         + " | ".join(f"{100 * a:.1f}" for a in entry["by_layer"]) + " |")
+        lines.append("")
     for objective, info in report["pretraining"].items():
         final = info.get("final", {})
         keys = ["loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss", "target_std",
@@ -562,7 +695,7 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
     lines += ["", "## Per run", "", "| init | labels | test speaker | seed | clean WER | worst noisy WER | "
               "training speakers WER | train s |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(report["runs"], key=lambda r: (r["labels"], r["init"], r["test_speaker"], r["seed"])):
-        noisy = max(v for k, v in r["wer"].items() if k != "clean")
+        noisy = max(v for k, v in r["wer"].items() if not k.startswith("clean"))
         lines.append(f"| {r['init']} | {r['labels']} | {r['test_speaker']} | {r['seed']} | "
                      f"{100 * r['wer']['clean']:.1f} | {100 * noisy:.1f} | {100 * r['train_fit_wer']:.1f} | "
                      f"{r['train_seconds']:.0f} |")

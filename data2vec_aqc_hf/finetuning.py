@@ -462,6 +462,9 @@ class FinetuneArguments:
     mask_feature_prob: float = field(default=0.25, metadata={"help": 'Channel masking probability (paper: 0.25 for 100 h).'})
     mask_feature_length: int = field(default=64, metadata={"help": 'Channels per channel-mask span (paper: 64).'})
     layerdrop: float = field(default=0.05, metadata={"help": 'Probability of skipping a transformer layer in training (paper: 0.05 for 100 h).'})
+    speed_perturbation: float = field(default=0.0, metadata={
+        "help": "Play each training clip at a random speed in [1 - s, 1 + s] (tempo and pitch; evaluation audio is "
+                "never changed). 0 (default, the paper's recipe) is off; ~0.15 helps a corpus of few speakers."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the checkpoint's own modeling code (only for checkpoints you trust)."})
     hub_dataset_id_for_card: str | None = field(default=None, metadata={"help": "Hub dataset id named in the model card's metadata (for a local manifest)."})
 
@@ -469,6 +472,13 @@ class FinetuneArguments:
         if (self.model_name_or_path is None) == (self.model_preset is None):
             raise ValueError("give exactly one of --model_name_or_path (pretrained) or --model_preset (from scratch)")
         self.freeze_feature_encoder = parse_freeze(self.freeze_feature_encoder)
+        if not 0.0 <= self.speed_perturbation < 1.0:
+            raise ValueError(f"speed_perturbation must be in [0, 1), got {self.speed_perturbation}")
+
+    @property
+    def speed_range(self) -> tuple[float, float] | None:
+        s = self.speed_perturbation
+        return (1.0 - s, 1.0 + s) if s else None
 
 
 def _rows(args: FinetuneArguments):
@@ -631,7 +641,8 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
                            args.mask_feature_prob, args.mask_feature_length, args.layerdrop, args.trust_remote_code,
                            args.freeze_feature_encoder, args.mask_time_min_masks, args.model_preset)
     cnn_trained = any(p.requires_grad for p in model.data2vec_audio.feature_extractor.parameters())
-    trainer = train_ctc(model, processor, train_set, eval_set, training_args, args.freeze_transformer_steps)
+    trainer = train_ctc(model, processor, train_set, eval_set, training_args, args.freeze_transformer_steps,
+                        speed_perturbation=args.speed_range)
     model = trainer.model
     metrics = evaluate_rows(model, processor, eval_set)
     metrics["train_loss"] = trainer.train_result.training_loss
