@@ -409,3 +409,18 @@ def test_pooled_hidden_states_are_per_layer_time_means(tmp_path):
     assert pooled.shape == (1, len(hidden), model.config.hidden_size)
     for k, h in enumerate(hidden):
         torch.testing.assert_close(pooled[0, k], h[0].mean(0))
+
+
+def test_experiment_progress_lines(tmp_path):
+    """The experiment's progress: the newest state of a pretraining log's progress bar (not of other bars), and the
+    time left from the mean run time and the runs still to do."""
+    from data2vec_aqc_hf.experiment import eta_minutes, last_progress
+
+    log = tmp_path / "aqc.log"
+    assert last_progress(log) == "starting"
+    log.write_text("pretraining:  10%|#  | 30/300 [00:20<03:00,  1.5step/s, loss=4.1]\r"
+                   "pretraining:  20%|## | 60/300 [00:40<02:40,  1.5step/s, loss=3.9]\r"
+                   "Writing model shards: 100%|##| 1/1 [00:00<00:00, 50.0it/s]")
+    assert last_progress(log) == "update 60/300, 00:40 elapsed, 02:40 left"
+    assert eta_minutes([300.0, 420.0], 6, 2) == "about 12 min left"  # 4 left, 2 at a time, 6 min each
+    assert eta_minutes([60.0] * 3, 3, 2) == "done"

@@ -161,3 +161,10 @@ def test_push_to_hub_with_only_the_network_replaced(tmp_path, monkeypatch):
     assert final[2] is None and {"README.md", "config.json", "model.safetensors"} <= set(final[3])
     card = (tmp_path / "README.md").read_text()
     assert "me/aqc-tiny" in card and "| optimizer updates | 2 |" in card
+    # the card's usage block runs as written, with the Hub (the network) replaced by the folder that was uploaded
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert blocks
+    for block in blocks:
+        namespace = {}
+        exec(compile(block.replace("me/aqc-tiny", str(tmp_path)), "pretraining card", "exec"), namespace)
+    assert namespace["model"].config.vocab_size == 32
