@@ -561,9 +561,12 @@ def train_ctc(model, processor, train_set: CTCDataset, eval_set: CTCDataset | No
 
 @dataclass
 class TrainerOptions(TrainingArguments):
-    """`TrainingArguments` unchanged, listed in `--help` as their own group after ours."""
+    """`TrainingArguments`, listed in `--help` as their own group after ours; one default differs: `report_to` is
+    `tensorboard` (logs under `output_dir/runs`, as pretraining writes them), not transformers' `none`."""
 
     _argument_group_name = "Trainer options (transformers.TrainingArguments)"
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={
+        "help": "Integrations to log to (default here: tensorboard, in output_dir/runs; 'none' for none)."})
 
 
 def card_base_model(model_name_or_path: str | None, preset: str | None) -> dict:

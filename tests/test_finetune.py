@@ -184,6 +184,19 @@ def test_finetune_script_runs_as_a_script(tmp_path):
     metrics = json.loads([line for line in result.stdout.splitlines() if line.startswith("METRICS ")][-1][8:])
     assert metrics["wer"] >= 0.0 and metrics["num_utterances"] == 120
     assert (tmp_path / "ft/final/README.md").exists() and (tmp_path / "ft/final/training_curves.png").exists()
+    assert list((tmp_path / "ft/runs").rglob("events.out.tfevents*")), "fine-tuning wrote no tensorboard events"
+
+
+def test_finetune_logs_to_tensorboard_by_default():
+    """Fine-tuning's Trainer options default to tensorboard logging (transformers' default is none)."""
+    from data2vec_aqc_hf.cli import parse_args
+    from data2vec_aqc_hf.finetuning import FinetuneArguments, TrainerOptions
+
+    _, options = parse_args((FinetuneArguments, TrainerOptions), ["--model_preset", "tiny", "--output_dir", "x"])
+    assert options.report_to == ["tensorboard"]
+    _, options = parse_args((FinetuneArguments, TrainerOptions),
+                            ["--model_preset", "tiny", "--output_dir", "x", "--report_to", "none"])
+    assert options.report_to in ([], ["none"], "none")
 
 
 def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
