@@ -50,6 +50,7 @@ from .finetuning import (
     make_processor,
     normalize_text,
     read_manifest,
+    speed_range,
     train_ctc,
 )
 
@@ -400,9 +401,8 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
         eval_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length", disable_tqdm=True,
     )
-    speed = (1 - args.speed_perturbation, 1 + args.speed_perturbation) if args.speed_perturbation else None
     trainer = train_ctc(model, processor, train_set, None, training_args, args.freeze_transformer_steps,
-                        print_logs=False, speed_perturbation=speed)
+                        print_logs=False, speed_perturbation=speed_range(args.speed_perturbation))
     model = trainer.model
     train_seconds = time.time() - start
     metrics = {"clean": evaluate_rows(model, processor, test_set)}

@@ -190,6 +190,13 @@ def speed_perturb(audio: np.ndarray, factor: float) -> np.ndarray:
         np.float32, copy=False)
 
 
+def speed_range(spread: float) -> tuple[float, float] | None:
+    """The factor range `(1 - spread, 1 + spread)` of a `--speed_perturbation` value; `None` for 0 (off)."""
+    if not 0.0 <= spread < 1.0:
+        raise ValueError(f"speed_perturbation must be in [0, 1), got {spread}")
+    return (1.0 - spread, 1.0 + spread) if spread else None
+
+
 @dataclass
 class CTCCollator:
     """Pads audio (float32, attention mask) and labels (-100 where padded).
@@ -422,7 +429,7 @@ def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = 
 
 
 __all__ = ["normalize_text", "build_vocab", "make_processor", "read_manifest",
-           "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "make_compute_metrics",
+           "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "speed_range", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "make_compute_metrics",
            "load_ctc_model", "parse_freeze", "masked_time_fraction", "train_ctc", "transcribe_arrays", "babble_noise", "add_noise", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
 
 
@@ -472,13 +479,7 @@ class FinetuneArguments:
         if (self.model_name_or_path is None) == (self.model_preset is None):
             raise ValueError("give exactly one of --model_name_or_path (pretrained) or --model_preset (from scratch)")
         self.freeze_feature_encoder = parse_freeze(self.freeze_feature_encoder)
-        if not 0.0 <= self.speed_perturbation < 1.0:
-            raise ValueError(f"speed_perturbation must be in [0, 1), got {self.speed_perturbation}")
-
-    @property
-    def speed_range(self) -> tuple[float, float] | None:
-        s = self.speed_perturbation
-        return (1.0 - s, 1.0 + s) if s else None
+        speed_range(self.speed_perturbation)  # validates
 
 
 def _rows(args: FinetuneArguments):
@@ -645,7 +646,7 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
                            args.freeze_feature_encoder, args.mask_time_min_masks, args.model_preset)
     cnn_trained = any(p.requires_grad for p in model.data2vec_audio.feature_extractor.parameters())
     trainer = train_ctc(model, processor, train_set, eval_set, training_args, args.freeze_transformer_steps,
-                        speed_perturbation=args.speed_range)
+                        speed_perturbation=speed_range(args.speed_perturbation))
     model = trainer.model
     metrics = evaluate_rows(model, processor, eval_set)
     metrics["train_loss"] = trainer.train_result.training_loss

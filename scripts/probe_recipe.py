@@ -20,7 +20,7 @@ from transformers import TrainingArguments, set_seed
 
 from data2vec_aqc_hf.experiment import load_corpus, low_resource_subset
 from data2vec_aqc_hf.finetuning import (CTCDataset, build_vocab, evaluate_rows, load_ctc_model, make_processor,
-                                        normalize_text, train_ctc)
+                                        normalize_text, speed_range, train_ctc)
 
 
 def main():
@@ -43,7 +43,6 @@ def main():
     p.add_argument("--freeze_cnn", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freeze_transformer_steps", type=int, default=0)
-    p.add_argument("--reinit_top_layers", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="outputs/probes.jsonl")
@@ -72,16 +71,13 @@ def main():
                            mask_feature_prob=a.mask_feature_prob, mask_feature_length=a.mask_feature_length,
                            layerdrop=0.0, freeze_feature_encoder=a.freeze_cnn,
                            model_preset=a.preset if a.init == "none" else None, **overrides)
-    for layer in model.data2vec_audio.encoder.layers[len(model.data2vec_audio.encoder.layers) - a.reinit_top_layers:]:
-        layer.apply(model._init_weights)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=a.lr,
         warmup_steps=max(1, a.steps // 10), lr_scheduler_type="linear", weight_decay=0.01, adam_beta2=0.98,
         max_grad_norm=5.0, logging_steps=max(1, a.steps // 10), save_strategy="no", eval_strategy="no",
         report_to="none", seed=a.seed, use_cpu=True, train_sampling_strategy="group_by_length", disable_tqdm=True)
-    speed = (1 - a.speed, 1 + a.speed) if a.speed else None
     trainer = train_ctc(model, processor, train, None, args, a.freeze_transformer_steps, print_logs=False,
-                        speed_perturbation=speed)
+                        speed_perturbation=speed_range(a.speed))
     train_s = time.time() - start
     if a.save:
         trainer.model.save_pretrained(a.save)

@@ -336,6 +336,11 @@ def test_speed_perturbation_scales_length_and_pitch():
         peak_hz = np.argmax(spectrum) * sr / len(out)
         assert abs(peak_hz - 440 * factor) < 2, (factor, peak_hz)
     assert speed_perturb(tone, 1.0) is tone
+    from data2vec_aqc_hf.finetuning import speed_range
+
+    assert speed_range(0.15) == (0.85, 1.15) and speed_range(0.0) is None
+    with pytest.raises(ValueError):
+        speed_range(1.0)
     with pytest.raises(ValueError):
         speed_perturb(tone, 0.0)
 
