@@ -4,11 +4,16 @@ Each function is small, pure and padding-aware: `valid` is a boolean `(batch, sa
 samples stay exactly zero. Random draws come from an optional `torch.Generator`, so an augmentation is
 reproducible from a seed. The paper builds the augmented copy per utterance on the CPU (torchaudio-augmentations
 and sox); here the whole batch is augmented inside the training step on the accelerator.
+
+`WaveformAugmenter.sample` makes all of a batch's draws up front (`AugmentationDraws`) and `WaveformAugmenter.forward`
+applies them: the application has no random draw, so it compiles into the training step's graph while the draws,
+with their `torch.Generator`, stay outside it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,13 +41,19 @@ def normalize_waveform(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-7) 
 
 def add_white_noise(x, valid, std_range, generator=None):
     """Add Gaussian noise whose std is `U(std_range) x` the utterance's std."""
-    valid = valid.to(x.dtype)
     batch = x.shape[0]
     lo, hi = std_range
     frac = lo + (hi - lo) * torch.rand(batch, 1, generator=generator, device=x.device)
-    std = torch.sqrt(masked_power(x - _masked_mean(x, valid), valid))
     noise = torch.randn(x.shape, generator=generator, device=x.device)
-    return x + noise * frac * std * valid
+    return add_scaled_noise(x, valid, noise, frac)
+
+
+def add_scaled_noise(x, valid, noise, std_fraction):
+    """`x + noise * std_fraction * std(x)` over the valid samples: white noise `std_fraction` `(batch, 1)` times the
+    utterance's std, from standard-normal `noise`."""
+    valid = valid.to(x.dtype)
+    std = torch.sqrt(masked_power(x - _masked_mean(x, valid), valid))
+    return x + noise * std_fraction * std * valid
 
 
 def synthetic_rir(rt60: torch.Tensor, length: int, sample_rate: int, generator=None, num_reflections: int = 8):
@@ -67,10 +78,22 @@ def synthetic_rir(rt60: torch.Tensor, length: int, sample_rate: int, generator=N
 
 def reverberate(x: torch.Tensor, valid: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
     """Convolve each utterance with its impulse response (FFT), crop to the input length, restore its RMS level."""
+    return reverberate_with_spectrum(x, valid, rir_spectrum(rir, x.shape[-1]))
+
+
+def rir_spectrum(rir: torch.Tensor, signal_length: int) -> torch.Tensor:
+    """`rfft` of the impulse responses `(batch, rir_length)` at the FFT length that convolves them with a signal of
+    `signal_length` samples without wrap-around (the next power of two)."""
+    n = signal_length + rir.shape[-1] - 1
+    return torch.fft.rfft(rir, 1 << (n - 1).bit_length())
+
+
+def reverberate_with_spectrum(x: torch.Tensor, valid: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
+    """`reverberate` with the impulse responses given as their `rir_spectrum`; the FFT length is read off its shape,
+    so that this traces with a symbolic signal length under `torch.compile` (the power of two is not symbolic)."""
     valid = valid.to(x.dtype)
-    n = x.shape[-1] + rir.shape[-1] - 1
-    n_fft = 1 << (n - 1).bit_length()
-    wet = torch.fft.irfft(torch.fft.rfft(x * valid, n_fft) * torch.fft.rfft(rir, n_fft), n_fft)[..., : x.shape[-1]]
+    n_fft = 2 * (spectrum.shape[-1] - 1)
+    wet = torch.fft.irfft(torch.fft.rfft(x * valid, n_fft) * spectrum, n_fft)[..., : x.shape[-1]]
     wet = wet * valid
     gain = torch.sqrt(masked_power(x, valid) / masked_power(wet, valid).clamp(min=_EPS))
     return wet * gain
@@ -117,6 +140,35 @@ def _coin(p: float, batch: int, generator, device) -> torch.Tensor:
     return (torch.rand(batch, 1, generator=generator, device=device) < p)
 
 
+@dataclass
+class AugmentationDraws:
+    """Every random quantity of one batch's augmentation (`WaveformAugmenter.sample`); what depends on the draws
+    alone (the room impulse responses' spectra, the coloured or noise-bank noise) is computed from them there too. The fields
+    of an augmentation that is off (probability 0) are None.
+
+    Args:
+        white_noise_std: `(batch, 1)` the white noise's std as a fraction of the utterance's std.
+        white_noise: `(batch, samples)` standard-normal noise.
+        apply_white_noise / apply_reverb / apply_background: `(batch, 1)` bool, whether the utterance gets it.
+        rir_spectrum: `(batch, n_fft // 2 + 1)` the room impulse responses' spectra (`rir_spectrum`, at the FFT
+            length of their convolution with the batch).
+        snr_db: `(batch,)` background-noise SNR in dB.
+        background_noise: `(batch, samples)` a noise-bank crop or coloured noise per utterance.
+        use_babble: `(batch, 1)` bool, babble (the batch's previous utterance) instead of `background_noise`; None
+            with a noise bank or a batch of one.
+    """
+
+    white_noise_std: torch.Tensor | None = None
+    white_noise: torch.Tensor | None = None
+    apply_white_noise: torch.BoolTensor | None = None
+    rir_spectrum: torch.Tensor | None = None
+    apply_reverb: torch.BoolTensor | None = None
+    snr_db: torch.Tensor | None = None
+    background_noise: torch.Tensor | None = None
+    use_babble: torch.BoolTensor | None = None
+    apply_background: torch.BoolTensor | None = None
+
+
 class WaveformAugmenter(nn.Module):
     """The student view of data2vec-aqc: white noise, reverberation, background noise, in that order, each applied
     to an utterance with its own probability. Holds no parameters; an optional noise bank (e.g. MUSAN
@@ -145,38 +197,53 @@ class WaveformAugmenter(nn.Module):
             bank[i, : len(clip)] = clip.to(bank)
         self.noise_bank, self.noise_bank_lengths = bank, lengths
 
-    def background_noise(self, x: torch.Tensor, valid: torch.Tensor, generator=None) -> torch.Tensor:
-        batch, length = x.shape
-        device = x.device
-        if self.noise_bank is not None:
-            return crop_noise_bank(self.noise_bank, self.noise_bank_lengths, length, batch, generator)
-        exponent = torch.randint(0, 3, (batch,), generator=generator, device=device).float()
-        noise = coloured_noise((batch, length), exponent, generator, device)
-        if batch > 1:  # babble: the next utterance of the (randomly ordered) batch
-            babble = torch.roll(x * valid, shifts=1, dims=0)
-            use_babble = _coin(self.babble_prob, batch, generator, device)
-            noise = torch.where(use_babble, babble, noise)
-        return noise
-
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, generator=None) -> torch.Tensor:
-        """Augmented copy of `x` `(batch, samples)` (float32; padding zero). The input is not modified."""
-        x = x.float()
-        valid = valid.to(torch.bool)
-        batch, device = x.shape[0], x.device
-        validf = valid.float()
-        out = x * validf
+    def sample(self, shape: tuple[int, int], device=None, generator=None) -> AugmentationDraws:
+        """All random draws for augmenting a `(batch, samples)` batch, in the order `forward` uses them."""
+        batch, length = shape
+        draws = AugmentationDraws()
         if self.white_prob > 0:
-            noisy = add_white_noise(out, validf, self.white_std, generator)
-            out = torch.where(_coin(self.white_prob, batch, generator, device), noisy, out)
+            lo, hi = self.white_std
+            draws.white_noise_std = lo + (hi - lo) * torch.rand(batch, 1, generator=generator, device=device)
+            draws.white_noise = torch.randn(shape, generator=generator, device=device)
+            draws.apply_white_noise = _coin(self.white_prob, batch, generator, device)
         if self.reverb_prob > 0:
             lo, hi = self.rt60
             rt60 = lo + (hi - lo) * torch.rand(batch, generator=generator, device=device)
             rir = synthetic_rir(rt60, max(2, int(math.ceil(hi * self.sample_rate))), self.sample_rate, generator)
-            wet = reverberate(out, validf, rir)
-            out = torch.where(_coin(self.reverb_prob, batch, generator, device), wet, out)
+            draws.rir_spectrum = rir_spectrum(rir, length)
+            draws.apply_reverb = _coin(self.reverb_prob, batch, generator, device)
         if self.background_prob > 0:
             lo, hi = self.snr_db
-            snr = torch.randint(int(lo), int(hi) + 1, (batch,), generator=generator, device=device).float()
-            mixed = mix_at_snr(out, self.background_noise(out, validf, generator), validf, snr)
-            out = torch.where(_coin(self.background_prob, batch, generator, device), mixed, out)
+            draws.snr_db = torch.randint(int(lo), int(hi) + 1, (batch,), generator=generator, device=device).float()
+            if self.noise_bank is not None:
+                draws.background_noise = crop_noise_bank(self.noise_bank, self.noise_bank_lengths, length, batch,
+                                                         generator)
+            else:
+                exponent = torch.randint(0, 3, (batch,), generator=generator, device=device).float()
+                draws.background_noise = coloured_noise(shape, exponent, generator, device)
+                if batch > 1:  # babble: the next utterance of the (randomly ordered) batch
+                    draws.use_babble = _coin(self.babble_prob, batch, generator, device)
+            draws.apply_background = _coin(self.background_prob, batch, generator, device)
+        return draws
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, generator=None,
+                draws: AugmentationDraws | None = None) -> torch.Tensor:
+        """Augmented copy of `x` `(batch, samples)` (float32; padding zero). The input is not modified. The random
+        draws are `draws` if given (from `sample`), else drawn here with `generator`."""
+        x = x.float()
+        validf = valid.to(torch.bool).float()
+        if draws is None:
+            draws = self.sample(x.shape, x.device, generator)
+        out = x * validf
+        if draws.apply_white_noise is not None:
+            noisy = add_scaled_noise(out, validf, draws.white_noise, draws.white_noise_std)
+            out = torch.where(draws.apply_white_noise, noisy, out)
+        if draws.apply_reverb is not None:
+            out = torch.where(draws.apply_reverb, reverberate_with_spectrum(out, validf, draws.rir_spectrum), out)
+        if draws.apply_background is not None:
+            noise = draws.background_noise
+            if draws.use_babble is not None:
+                noise = torch.where(draws.use_babble, torch.roll(out * validf, shifts=1, dims=0), noise)
+            mixed = mix_at_snr(out, noise, validf, draws.snr_db)
+            out = torch.where(draws.apply_background, mixed, out)
         return out * validf

@@ -17,22 +17,37 @@ def spherical_kmeans(
     num_clusters: int,
     iterations: int = 10,
     generator: torch.Generator | None = None,
+    init: torch.LongTensor | None = None,
 ) -> torch.LongTensor:
     """Cosine k-means of the rows of `x` `(N, D)`; rows with weight 0 (unmasked frames) are assigned a label but
-    do not move the centroids. Centroids start at `num_clusters` distinct weighted rows drawn with `generator`.
-    Returns the label of every row."""
+    do not move the centroids. Centroids start at the rows `init` `(k,)` (then `num_clusters` is not used), by
+    default `num_clusters` rows drawn with `generator` (`initial_centroid_rows`). Returns the label of every row."""
     x = F.normalize(x.float(), dim=-1)
     weights = weights.float()
-    # tiny mass on the other rows keeps multinomial valid when fewer than k rows are weighted
-    init = torch.multinomial(weights + 1e-6, num_clusters, replacement=False, generator=generator)
+    if init is None:
+        init = initial_centroid_rows(weights, num_clusters, generator)
     centroids = x[init]
+    # the cluster count as the start's size (not `num_clusters`): it stays symbolic under torch.compile
+    clusters = torch.arange(centroids.shape[0], device=x.device)
     for _ in range(iterations):
         labels = (x @ centroids.T).argmax(dim=-1)
-        one_hot = F.one_hot(labels, num_clusters).to(x.dtype) * weights[:, None]
+        one_hot = (labels[:, None] == clusters).to(x.dtype) * weights[:, None]
         sums = one_hot.T @ x
         counts = one_hot.sum(0)[:, None]
         centroids = torch.where(counts > 0, F.normalize(sums, dim=-1), centroids)
     return (x @ centroids.T).argmax(dim=-1)
+
+
+def initial_centroid_rows(weights: torch.Tensor, num_clusters: int, generator=None) -> torch.LongTensor:
+    """`num_clusters` distinct rows drawn with probability proportional to `weights` `(N,)`: k-means' random start
+    (the reference code re-initialises its k-means at random on every forward)."""
+    # tiny mass on the other rows keeps multinomial valid when fewer than k rows are weighted
+    return torch.multinomial(weights.float() + 1e-6, num_clusters, replacement=False, generator=generator)
+
+
+def pooled_frame_weights(mask: torch.Tensor, views: int) -> torch.Tensor:
+    """The k-means row weights of `views` views pooled: the frame mask `(batch, frames)` repeated, flattened."""
+    return mask[None].expand(views, -1, -1).reshape(-1)
 
 
 def num_clusters_for(frames: int, cluster_factor: int) -> int:
@@ -41,18 +56,20 @@ def num_clusters_for(frames: int, cluster_factor: int) -> int:
 
 
 def cluster_views(
-    quantized_views: torch.Tensor, mask: torch.Tensor, cluster_factor: int, iterations: int, generator=None
+    quantized_views: torch.Tensor, mask: torch.Tensor, cluster_factor: int, iterations: int, generator=None,
+    init: torch.LongTensor | None = None,
 ) -> torch.LongTensor:
     """One k-means over the masked frames of all views `(views, batch, frames, dim)` pooled; labels
-    `(views, batch, frames)`."""
+    `(views, batch, frames)`. `init`: the starting centroids' rows in the pooled `(views * batch * frames)` frames
+    (`initial_centroid_rows` of `pooled_frame_weights`), drawn with `generator` if None."""
     views, batch, frames, dim = quantized_views.shape
-    weights = mask[None].expand(views, -1, -1).reshape(-1)
     labels = spherical_kmeans(
         quantized_views.detach().reshape(-1, dim),
-        weights,
+        pooled_frame_weights(mask, views),
         num_clusters_for(frames, cluster_factor),
         iterations,
         generator,
+        init,
     )
     return labels.view(views, batch, frames)
 

@@ -7,6 +7,17 @@ to a stock `data2vec-audio` checkpoint with identical weights (see `export.py`).
 `Data2VecAQCForPreTraining.forward` follows the paper (spec sections 2-6) top to bottom:
 student view (augmented, masked) -> student encoder -> predictions; clean view -> EMA teacher -> targets;
 both views' CNN features -> Gumbel quantizer; cross-contrastive losses with k-means down-weighting.
+
+Compiling the step. `torch.compile(model, fullgraph=True)` traces the whole training forward and loss as one graph
+when the step's random draws are passed in: `randomness = model.sample_step_randomness(input_values,
+attention_mask, generator)` (eager, outside the compiled region) draws everything the forward would draw with
+`generator` (augmentation, span mask, Gumbel noise, negatives, k-means start), in the same order, and
+`model(input_values, attention_mask, randomness=randomness)` then makes no random draw of its own. Trade-off: the
+draws are made eagerly, a few small kernels (and the impulse responses and coloured noise built from them) outside
+the compiled graph, in exchange for the same losses as the eager step for the same seed, bit for bit in eager and
+within float rounding compiled; drawing inside the graph from the global RNG instead would compile too, but its
+random streams differ between eager and compiled (inductor has its own) and a run would not be reproducible across
+the two. Dropout and LayerDrop stay on the global RNG as in transformers (under compile inductor's RNG draws them).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import torch
 from torch import nn
 from transformers import Data2VecAudioForCTC, Data2VecAudioModel
 from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.data2vec.modeling_data2vec_audio import (
     Data2VecAudioEncoder,
@@ -27,9 +39,16 @@ from transformers.models.data2vec.modeling_data2vec_audio import (
 )
 from transformers.utils import ModelOutput
 
-from .augment import WaveformAugmenter, normalize_waveform
+from .augment import AugmentationDraws, WaveformAugmenter, normalize_waveform
 from .configuration_data2vec_aqc import Data2VecAQCConfig
-from .contrastive import cluster_views, contrastive_logits, contrastive_loss_sum
+from .contrastive import (
+    cluster_views,
+    contrastive_logits,
+    contrastive_loss_sum,
+    initial_centroid_rows,
+    num_clusters_for,
+    pooled_frame_weights,
+)
 from .masking import compute_span_mask, sample_negative_indices
 from .quantizer import (
     GumbelProductQuantizer,
@@ -46,7 +65,9 @@ __all__ = [
     "Data2VecAQCForPreTraining",
     "Data2VecAQCForCTC",
     "Data2VecAQCForPreTrainingOutput",
+    "StepRandomness",
     "receptive_field",
+    "frames_for_samples",
     "samples_for_frames",
     "minimum_pretraining_samples",
     "validate_input_values",
@@ -72,6 +93,14 @@ def receptive_field(config) -> int:
         field += (kernel - 1) * jump
         jump *= stride
     return field
+
+
+def frames_for_samples(config, samples: int) -> int:
+    """Output frames of the CNN feature encoder for `samples` input samples (`floor((L - kernel) / stride) + 1` per
+    layer, as transformers' `_get_feat_extract_output_lengths`)."""
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        samples = (samples - kernel) // stride + 1
+    return samples
 
 
 def samples_for_frames(config, frames: int) -> int:
@@ -124,6 +153,38 @@ def validate_input_values(input_values, attention_mask, config) -> None:
             f"an utterance has {shortest} valid samples (attention_mask), fewer than the feature encoder's "
             f"receptive field of {field} samples"
         )
+
+
+def conv_features(feature_encoder: Data2VecAudioFeatureEncoder, waveform: torch.Tensor) -> torch.Tensor:
+    """CNN features `(batch, frames, channels)` of `waveform` `(batch, samples)`: transformers'
+    `Data2VecAudioFeatureEncoder` conv layers applied in turn. Its own `forward` sets `requires_grad = True` on the
+    waveform in training (for reentrant gradient checkpointing), which `torch.compile` cannot trace (a graph break)
+    and which makes autograd compute a gradient of the waveform that nothing uses; with gradient checkpointing on,
+    the stock `forward` runs."""
+    if any(layer.gradient_checkpointing for layer in feature_encoder.conv_layers):
+        return feature_encoder(waveform).transpose(1, 2)
+    hidden_states = waveform[:, None]
+    for conv_layer in feature_encoder.conv_layers:
+        hidden_states = conv_layer(hidden_states)
+    return hidden_states.transpose(1, 2)
+
+
+def encode_with_layer_mask(encoder: Data2VecAudioEncoder, hidden_states: torch.Tensor,
+                           attention_mask: torch.Tensor | None, keep: torch.BoolTensor) -> torch.Tensor:
+    """transformers' `Data2VecAudioEncoder.forward` (same modules, same operations) with LayerDrop as a mask: layer
+    `i` runs on every step and its output is kept where `keep[i]`, else its input passes on. transformers' own
+    `if torch.rand([]) < layerdrop` is data-dependent control flow that `torch.compile(fullgraph=True)` cannot trace;
+    the cost is the dropped layers' compute, and their parameters get a zero gradient instead of none (AdamW then
+    still applies its momentum and weight decay to them that step). Returns the last hidden state."""
+    if attention_mask is not None:  # padded frames are zero, as in transformers
+        hidden_states = hidden_states.masked_fill(~attention_mask.bool()[..., None], 0.0)
+    attention_mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden_states,
+                                               attention_mask=attention_mask)
+    hidden_states = hidden_states + encoder.pos_conv_embed(hidden_states)
+    hidden_states = encoder.dropout(encoder.layer_norm(hidden_states))
+    for index, layer in enumerate(encoder.layers):
+        hidden_states = torch.where(keep[index], layer(hidden_states, attention_mask=attention_mask), hidden_states)
+    return hidden_states
 
 
 class Data2VecAQCPreTrainedModel(Data2VecAudioPreTrainedModel):
@@ -210,6 +271,29 @@ class Data2VecAQCForPreTrainingOutput(ModelOutput):
     ema_decay: torch.FloatTensor | None = None
     mask_time_indices: torch.BoolTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class StepRandomness:
+    """Every random draw of one pretraining step, from [`Data2VecAQCForPreTraining.sample_step_randomness`]; passed
+    to the forward as `randomness`, it makes the step a pure function of weights and inputs (and the global RNG's
+    dropout), which is what lets `torch.compile(fullgraph=True)` trace it whole. AQC-only fields are None with
+    `objective="data2vec"`.
+
+    Args:
+        mask_time_indices: `(batch, frames)` bool, the student's span mask (before removing padded frames).
+        sampled_negative_indices: `(2, batch, frames, num_negatives)`, negatives for L_s `[0]` and L_t `[1]`.
+        augmentation: the student view's augmentation draws.
+        gumbel_uniform: `(2 * batch, frames, groups, entries)`, U(0, 1) draws of the Gumbel noise (clean view, then
+            augmented view); None for a deterministic quantizer.
+        kmeans_init: `(num_clusters,)`, the k-means' starting rows in the pooled `(2 * batch * frames)` frames.
+    """
+
+    mask_time_indices: torch.BoolTensor
+    sampled_negative_indices: torch.LongTensor | None = None
+    augmentation: AugmentationDraws | None = None
+    gumbel_uniform: torch.Tensor | None = None
+    kmeans_init: torch.LongTensor | None = None
 
 
 def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -332,6 +416,67 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
     def freeze_feature_encoder(self):
         self.data2vec_audio.freeze_feature_encoder()
 
+    # ----- the step's random draws ------------------------------------------------------------------------------
+    def _draw_span_mask(self, batch: int, frames: int, frame_valid, generator, device) -> torch.BoolTensor:
+        config = self.config
+        frame_lengths = frame_valid.sum(-1) if frame_valid is not None else None
+        return compute_span_mask(
+            (batch, frames), config.mask_time_prob, config.mask_time_length, frame_lengths,
+            config.mask_time_min_masks, generator, device=device, require_same_masks=config.mask_require_same_masks,
+        )
+
+    def _draw_negatives(self, mask: torch.BoolTensor, generator) -> torch.LongTensor:
+        return torch.stack([sample_negative_indices(mask, self.config.num_negatives, generator) for _ in range(2)])
+
+    @torch.no_grad()
+    def sample_step_randomness(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        mask_time_indices: torch.BoolTensor | None = None,
+        deterministic_quantizer: bool | None = None,
+    ) -> StepRandomness:
+        """Every random draw the forward makes for these inputs, drawn here with `generator` (the global RNG if None)
+        in the forward's own order: `model(x, m, generator=g)` and `model(x, m, randomness=model.
+        sample_step_randomness(x, m, g))` give the same losses bit for bit from the same generator state. Run it
+        eagerly and pass the result into a compiled forward: it holds the draws that need a `torch.Generator`, which
+        `torch.compile` cannot trace, and the k-means start, which depends on the mask. `mask_time_indices`: use
+        this mask and draw the rest; `deterministic_quantizer`: as in the forward (no Gumbel noise drawn)."""
+        config = self.config
+        batch, samples = input_values.shape
+        device = input_values.device
+        augmentation = self.augmenter.sample((batch, samples), device, generator) if config.use_aqc else None
+        frames = frames_for_samples(config, samples)
+        frame_valid = (self.data2vec_audio._get_feature_vector_attention_mask(frames, attention_mask)
+                       if attention_mask is not None else None)
+        if mask_time_indices is None:
+            mask_time_indices = self._draw_span_mask(batch, frames, frame_valid, generator, device)
+        randomness = StepRandomness(mask_time_indices=mask_time_indices, augmentation=augmentation)
+        if not config.use_aqc:
+            return randomness
+        mask = mask_time_indices.to(torch.bool)
+        if frame_valid is not None:
+            mask = mask & frame_valid
+        quantizer = self.quantizer
+        if not ((not quantizer.training) if deterministic_quantizer is None else deterministic_quantizer):
+            shape = (2 * batch, frames, quantizer.groups, quantizer.entries)
+            randomness.gumbel_uniform = torch.rand(shape, generator=generator, device=device)
+        randomness.sampled_negative_indices = self._draw_negatives(mask, generator)
+        randomness.kmeans_init = initial_centroid_rows(pooled_frame_weights(mask, 2),
+                                                       num_clusters_for(frames, config.cluster_factor), generator)
+        return randomness
+
+    def _encode_student(self, hidden_states: torch.Tensor, frame_valid: torch.Tensor | None) -> torch.Tensor:
+        """The student's transformer: transformers' encoder; while compiling a training step with LayerDrop, the
+        same computation with the layer choice as a mask (`encode_with_layer_mask`), drawn from the global RNG."""
+        encoder = self.data2vec_audio.encoder
+        layerdrop = self.config.layerdrop
+        if torch.compiler.is_compiling() and encoder.training and layerdrop > 0:
+            keep = torch.rand(len(encoder.layers), device=hidden_states.device) >= layerdrop
+            return encode_with_layer_mask(encoder, hidden_states, frame_valid, keep)
+        return encoder(hidden_states, attention_mask=frame_valid).last_hidden_state
+
     # ----- the objective -----------------------------------------------------------------------------------------
     def forward(
         self,
@@ -344,6 +489,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         deterministic_quantizer: bool | None = None,
         generator: torch.Generator | None = None,
         normalize_inputs: bool = True,
+        randomness: StepRandomness | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> Data2VecAQCForPreTrainingOutput:
@@ -363,9 +509,22 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
             device), making a step reproducible from a seed.
         normalize_inputs (`bool`, True): normalise each view per utterance here. False: the views are used as
             given (e.g. normalised over the full utterance before cropping, as the authors' data loader does).
+        randomness ([`StepRandomness`], optional): every random draw of the step, from `sample_step_randomness`;
+            replaces `generator` and the draws above (not combined with them). The way to run the step under
+            `torch.compile(fullgraph=True)`: the forward then draws nothing with a generator.
         """
         config = self.config
         validate_input_values(input_values, attention_mask, config)
+        augmentation_draws = gumbel_uniform = kmeans_init = None
+        if randomness is not None:
+            given = (generator, mask_time_indices, sampled_negative_indices, augmented_input_values, cluster_labels)
+            if any(value is not None for value in given):
+                raise ValueError("randomness holds every draw of the step: give it without generator, "
+                                 "mask_time_indices, sampled_negative_indices, augmented_input_values or cluster_labels")
+            mask_time_indices, sampled_negative_indices = (randomness.mask_time_indices,
+                                                           randomness.sampled_negative_indices)
+            augmentation_draws, gumbel_uniform, kmeans_init = (randomness.augmentation, randomness.gumbel_uniform,
+                                                               randomness.kmeans_init)
         batch, samples = input_values.shape
         sample_valid = (attention_mask.bool() if attention_mask is not None
                         else torch.ones_like(input_values, dtype=torch.bool))
@@ -375,7 +534,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         clean = normalize(input_values.float(), sample_valid)
         if config.use_aqc:
             if augmented_input_values is None:
-                augmented_input_values = self.augmenter(input_values, sample_valid, generator)
+                augmented_input_values = self.augmenter(input_values, sample_valid, generator, augmentation_draws)
             elif augmented_input_values.shape != input_values.shape:
                 raise ValueError(
                     f"augmented_input_values shape {tuple(augmented_input_values.shape)} differs from "
@@ -387,22 +546,17 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
 
         # 2. CNN features of each view; frame-level padding mask
         backbone = self.data2vec_audio
-        student_features = scale_gradient(backbone.feature_extractor(student_view).transpose(1, 2),
+        student_features = scale_gradient(conv_features(backbone.feature_extractor, student_view),
                                           config.feature_grad_mult)
         frames = student_features.shape[1]
         frame_valid = (backbone._get_feature_vector_attention_mask(frames, attention_mask)
                        if attention_mask is not None else None)
-        clean_features = (scale_gradient(backbone.feature_extractor(clean).transpose(1, 2), config.feature_grad_mult)
+        clean_features = (scale_gradient(conv_features(backbone.feature_extractor, clean), config.feature_grad_mult)
                           if config.use_aqc else student_features)
 
         # 3. span mask (student only)
         if mask_time_indices is None:
-            frame_lengths = frame_valid.sum(-1) if frame_valid is not None else None
-            mask_time_indices = compute_span_mask(
-                (batch, frames), config.mask_time_prob, config.mask_time_length, frame_lengths,
-                config.mask_time_min_masks, generator, device=input_values.device,
-                require_same_masks=config.mask_require_same_masks,
-            )
+            mask_time_indices = self._draw_span_mask(batch, frames, frame_valid, generator, input_values.device)
         mask = mask_time_indices.to(torch.bool)
         if frame_valid is not None:
             mask = mask & frame_valid
@@ -414,14 +568,14 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         student_hidden, student_norm = backbone.feature_projection(student_features)
         mask_embed = backbone.masked_spec_embed.to(student_hidden.dtype)
         student_hidden = torch.where(mask[..., None], mask_embed, student_hidden)
-        student_out = backbone.encoder(student_hidden, attention_mask=frame_valid).last_hidden_state
+        student_out = self._encode_student(student_hidden, frame_valid)
         prediction = self.final_proj(student_out)
 
         # 5. teacher: clean, unmasked, pre-dropout projected features -> average of top-K instance-normed FFN outputs
         clean_norm = backbone.feature_projection.layer_norm(clean_features)
         with torch.no_grad():
             if config.teacher_feature_encoder:
-                teacher_in = self.teacher_feature_extractor(clean).transpose(1, 2)
+                teacher_in = conv_features(self.teacher_feature_extractor, clean)
                 projection = self.teacher_feature_projection
                 teacher_in = projection.projection(projection.layer_norm(teacher_in))
             else:
@@ -446,13 +600,15 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         if config.use_aqc:
             aqc_loss = self._aqc_losses(out, clean_features, clean_norm, student_norm, student_out, targets, mask,
                                         frame_valid, sampled_negative_indices, cluster_labels,
-                                        deterministic_quantizer, generator, denominator)
+                                        deterministic_quantizer, generator, denominator, gumbel_uniform,
+                                        kmeans_init)
             loss = loss + aqc_loss
         out.loss = loss
         return out
 
     def _aqc_losses(self, out, clean_features, clean_norm, student_norm, student_out, targets, mask, frame_valid,
-                    sampled_negative_indices, cluster_labels, deterministic_quantizer, generator, denominator):
+                    sampled_negative_indices, cluster_labels, deterministic_quantizer, generator, denominator,
+                    gumbel_uniform=None, kmeans_init=None):
         """Quantization (spec 4) and cross-contrastive losses with clustering (spec 5); fills `out`, returns the
         weighted sum added to the regression loss."""
         config = self.config
@@ -462,7 +618,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         # masked frames only, as the authors' code (its `prob_perplexity` comes from the clean view's quantizer call)
         temperature = self.current_gumbel_temperature().to(clean_norm.device)
         codes, soft_probs = self.quantizer(torch.cat([clean_norm, student_norm]), temperature,
-                                           deterministic_quantizer, generator)
+                                           deterministic_quantizer, generator, gumbel_uniform)
         marginal = masked_mean_probs(soft_probs[:batch], mask)
         quantized = self.project_q(codes)
         quantized_clean, quantized_aug = quantized[:batch], quantized[batch:]
@@ -476,16 +632,14 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
 
         # negatives: other masked frames of the same utterance, one set per loss
         if sampled_negative_indices is None:
-            sampled_negative_indices = torch.stack([
-                sample_negative_indices(mask, config.num_negatives, generator) for _ in range(2)
-            ])
+            sampled_negative_indices = self._draw_negatives(mask, generator)
         elif sampled_negative_indices.dim() == 3:
             sampled_negative_indices = sampled_negative_indices[None].expand(2, -1, -1, -1)
 
         # clustering: one k-means over both views' masked quantized frames
         if cluster_labels is None:
             cluster_labels = cluster_views(torch.stack([quantized_clean, quantized_aug]), mask,
-                                           config.cluster_factor, config.cluster_iterations, generator)
+                                           config.cluster_factor, config.cluster_iterations, generator, kmeans_init)
 
         kappa, cluster_scale = config.contrastive_logits_temperature, config.cluster_scale_factor
         student_anchor = self.contr_proj(student_out)

@@ -1,7 +1,8 @@
 """The pretraining loop with accelerate: the library side of `training/pretrain.py`.
 
-A step, top to bottom: forward (the objective lives in the model) -> backward -> clip -> optimizer and scheduler
-step -> EMA teacher update (advances the temperature/EMA schedules) -> log -> maybe checkpoint.
+A step, top to bottom: the step's random draws (`sample_step_randomness`, with the run's generator) -> forward (the
+objective lives in the model; with `--torch_compile` one fullgraph-compiled graph) -> backward -> clip -> optimizer
+and scheduler step -> EMA teacher update (advances the temperature/EMA schedules) -> log -> maybe checkpoint.
 
 Before every batch it trains on, each rank votes (`run_control.RankVote`): on a stop request (SIGTERM, SIGINT, the
 launcher exiting) all ranks stop together at the update boundary with a checkpoint, and a rank whose share of an
@@ -110,6 +111,11 @@ class PretrainingArguments:
                 "--model_name_or_path keeps the schedules saved in its config. See Data2VecAQCConfig.scale_schedules_to."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per optimizer update (to reach the paper's batch on fewer GPUs)."})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (the teacher stays fp32)."})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "Compile the step's forward and loss whole with torch.compile(fullgraph=True). The step's random draws "
+                "are made outside the compiled graph, so the losses are the eager step's for the same seed (within "
+                "float rounding). Compiling takes minutes at the first batch and once more at the first batch of "
+                "another shape (shapes are dynamic from then on)."})
     seed: int = field(default=0, metadata={"help": 'Seed of the model init, the data order and every random draw of a step.'})
     # observability, checkpoints, hub
     logging_steps: int = field(default=10, metadata={"help": 'Log the loss terms and diagnostics every this many updates (tensorboard, progress bar).'})
@@ -541,6 +547,8 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
     # weights_only=False, i.e. run code from the checkpoint): a resume rebuilds it from the step
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    # the step's draws come in as `randomness` (made eagerly below), so the whole forward is one graph
+    forward = torch.compile(model, fullgraph=True) if args.torch_compile else model
     checkpoint_bytes = estimate_checkpoint_bytes(unwrapped)
     state = TrainingState(args.seed + accelerator.process_index, accelerator.device, args.dataloader_num_workers)
 
@@ -602,7 +610,10 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
             batch_samples = int(batch["attention_mask"].sum())
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                out = model(**batch, generator=state.generator)
+                # every random draw of the step, from the run's generator (what `generator=` would draw, in order)
+                randomness = unwrapped.sample_step_randomness(batch["input_values"], batch.get("attention_mask"),
+                                                              state.generator)
+                out = forward(**batch, randomness=randomness)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients:
                     # the all-reduced gradient norm: the same on every rank, non-finite if any rank's loss was

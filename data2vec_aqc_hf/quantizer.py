@@ -1,7 +1,8 @@
 """Gumbel-softmax product quantizer and diversity loss (wav2vec 2.0, spec section 4).
 
 Parameter names (`weight_proj`, `codevectors`) match transformers' `Wav2Vec2GumbelVectorQuantizer`, so weights move
-between the two. Differences: the Gumbel noise can come from a `torch.Generator`, the marginal code distribution
+between the two. Differences: the Gumbel noise can come from a `torch.Generator` or be passed in (its
+uniform draws, so that the quantizer has no random draw inside a compiled step), the marginal code distribution
 is returned per group (for per-group perplexity and the diversity loss over several views), and the
 deterministic mode (hard arg-max codes, no noise) can be asked for in training mode too.
 """
@@ -62,12 +63,15 @@ class GumbelProductQuantizer(nn.Module):
         temperature: torch.Tensor | float = 2.0,
         deterministic: bool | None = None,
         generator: torch.Generator | None = None,
+        gumbel_uniform: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`features` `(batch, frames, input_dim)` -> (codevectors `(batch, frames, codevector_dim)`, soft code
         probabilities `(batch, frames, groups, entries)` for the diversity loss and perplexity).
 
         In training mode codes are straight-through Gumbel-softmax samples at `temperature`; with
-        `deterministic=True` (the default in eval mode) they are the hard arg-max of the logits."""
+        `deterministic=True` (the default in eval mode) they are the hard arg-max of the logits. `gumbel_uniform`
+        `(batch, frames, groups, entries)`: the U(0, 1) draws behind the Gumbel noise (drawn with `generator` if
+        None)."""
         batch, frames, _ = features.shape
         deterministic = (not self.training) if deterministic is None else deterministic
         logits = self.weight_proj(features).float().view(batch, frames, self.groups, self.entries)
@@ -77,7 +81,8 @@ class GumbelProductQuantizer(nn.Module):
         if deterministic:
             one_hot = hard
         else:
-            uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+            uniform = (torch.rand(logits.shape, generator=generator, device=logits.device)
+                       if gumbel_uniform is None else gumbel_uniform)
             gumbels = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
             y_soft = ((logits + gumbels) / temperature).softmax(dim=-1)
             index = y_soft.argmax(dim=-1, keepdim=True)
