@@ -44,6 +44,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freeze_transformer_steps", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fit_all", action="store_true",
+                   help="score the fit on every training utterance (default: 20 per speaker)")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="outputs/probes.jsonl")
     p.add_argument("--save", default=None, help="save the fine-tuned model and processor here")
@@ -82,7 +84,7 @@ def main():
     if a.save:
         trainer.model.save_pretrained(a.save)
         processor.save_pretrained(a.save)
-    fit = evaluate_rows(trainer.model, processor, low_resource_subset(train, 20, 1))
+    fit = evaluate_rows(trainer.model, processor, train if a.fit_all else low_resource_subset(train, 20, 1))
     res = evaluate_rows(trainer.model, processor, dev)
     curve = [(h["step"], round(h["loss"], 3)) for h in trainer.state.log_history if "loss" in h]
     out = {"tag": a.tag, **{k: v for k, v in vars(a).items() if k not in ("out", "corpus_dir")},
