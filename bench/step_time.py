@@ -10,8 +10,14 @@ Each contender does the full optimizer step the way its training script does it,
 * `d2v-aqc`: `Data2VecAQCForPreTraining` (student + EMA teacher + augmentation + quantizer + clustering), backward,
   AdamW, `update_teacher()`; masks/negatives/augmentation on the device.
 * `d2v-plain`: ours with `objective="data2vec"` (the AQC parts off), the data2vec baseline.
+* `d2v-aqc-eff`, `d2v-plain-eff`: the same two with `efficient_mode=True` (data2vec 2.0: the student encodes only
+  unmasked frames of `num_clones` masked clones per utterance, one teacher pass per utterance, a conv decoder).
 * `backbone`: a stock `Data2VecAudioModel` forward + backward of the student alone: the floor any method pays.
-Prints ms/step, audio-seconds per second, and ratios against `w2v2-hf` measured in this run; writes JSON and a PNG.
+Prints ms/step, audio-seconds per second, student views per second (a view = one masked student copy of one
+utterance: `batch` per step in the standard mode, `batch x num_clones` in the efficient mode) and ratios against
+`w2v2-hf` and, for the efficient contenders, the views/s ratio against their standard mode, all measured in this run;
+writes JSON and a PNG. The contenders' steps are interleaved (one step of each in turn, `--steps` rounds), so a
+change in the machine's load over the run hits all of them alike; the median of the rounds is reported.
 fairseq is not installable here (no wheels for this Python/torch); its numbers are not measured.
 """
 
@@ -61,16 +67,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(step, steps: int, warmup: int, device) -> list[float]:
-    for _ in range(warmup):
-        step()
+def time_steps_interleaved(steps: dict, rounds: int, warmup: int, device) -> dict[str, list[float]]:
+    """Wall time of each step function, one step of each contender in turn per round (after `warmup` of each)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -155,9 +164,18 @@ def main(argv=None):
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=str(ROOT / "outputs/bench"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; on cores shared with other jobs 1 is often faster)")
+    parser.add_argument("--num_clones", type=int, default=None,
+                        help="clones per utterance of the efficient contenders (default: the config's, 8)")
+    parser.add_argument("--contenders", default=None,
+                        help="comma-separated subset of: w2v2-hf, d2v-aqc, d2v-plain, d2v-aqc-eff, d2v-plain-eff, "
+                             "backbone (default: all)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -168,35 +186,57 @@ def main(argv=None):
 
     x, mask = speech_batch(args.batch_size, args.seconds, device)
     audio_seconds = args.batch_size * args.seconds
-    config = Data2VecAQCConfig.from_preset(args.preset, layerdrop=0.0)
-    contenders = {
-        "w2v2-hf": lambda: hf_wav2vec2_step(config, x, mask, device, autocast),
-        "d2v-aqc": lambda: ours_step(config, x, mask, device, autocast),
-        "d2v-plain": lambda: ours_step(Data2VecAQCConfig.from_preset(args.preset, layerdrop=0.0,
-                                                                     objective="data2vec"), x, mask, device, autocast),
-        "backbone": lambda: backbone_step(config, x, mask, device, autocast),
-    }
-    results = {}
-    for name, build in contenders.items():
-        step, params = build()
-        times = time_steps(step, args.steps, args.warmup, device)
-        median = statistics.median(times)
-        results[name] = {"ms_per_step": 1000 * median, "audio_s_per_s": audio_seconds / median, "params": params,
-                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-        del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+    def preset(**overrides):
+        return Data2VecAQCConfig.from_preset(args.preset, layerdrop=0.0, **overrides)
 
-    base = results["w2v2-hf"]["ms_per_step"]
+    config = preset()
+    efficient = dict(efficient_mode=True, **({"num_clones": args.num_clones} if args.num_clones else {}))
+    clones = preset(**efficient).num_clones
+    contenders = {  # name: (build, student views per step, the standard contender its views/s is compared with)
+        "w2v2-hf": (lambda: hf_wav2vec2_step(config, x, mask, device, autocast), args.batch_size, None),
+        "d2v-aqc": (lambda: ours_step(config, x, mask, device, autocast), args.batch_size, None),
+        "d2v-plain": (lambda: ours_step(preset(objective="data2vec"), x, mask, device, autocast), args.batch_size,
+                      None),
+        "d2v-aqc-eff": (lambda: ours_step(preset(**efficient), x, mask, device, autocast),
+                        args.batch_size * clones, "d2v-aqc"),
+        "d2v-plain-eff": (lambda: ours_step(preset(objective="data2vec", **efficient), x, mask, device, autocast),
+                          args.batch_size * clones, "d2v-plain"),
+        "backbone": (lambda: backbone_step(config, x, mask, device, autocast), args.batch_size, None),
+    }
+    if args.contenders:
+        wanted = args.contenders.split(",")
+        unknown = sorted(set(wanted) - set(contenders))
+        if unknown:
+            raise SystemExit(f"unknown contenders {unknown}; choose from {list(contenders)}")
+        contenders = {name: contenders[name] for name in wanted}
+    steps, params = {}, {}
+    for name, (build, _, _) in contenders.items():
+        steps[name], params[name] = build()
+    times = time_steps_interleaved(steps, args.steps, args.warmup, device)
+    results = {}
+    for name, (_, views, _) in contenders.items():
+        median = statistics.median(times[name])
+        results[name] = {"ms_per_step": 1000 * median, "ms_min": 1000 * min(times[name]),
+                         "audio_s_per_s": audio_seconds / median, "views_per_step": views,
+                         "views_per_s": views / median, "params": params[name],
+                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+    base = results["w2v2-hf"]["ms_per_step"] if "w2v2-hf" in results else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"{args.preset} preset, batch {args.batch_size} x {args.seconds} s, {args.dtype}, {name}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'':10s} {'ms/step':>9s} {'audio s/s':>10s} {'x w2v2-hf time':>15s} {'params':>12s}")
+          f"median of {args.steps} interleaved rounds after {args.warmup} warm-up, {clones} clones in efficient mode")
+    print(f"{'':14s} {'ms/step':>9s} {'audio s/s':>10s} {'views/s':>8s} {'x w2v2-hf time':>15s} "
+          f"{'views/s vs std':>15s} {'params':>12s}")
     for key, r in results.items():
-        r["time_ratio_vs_w2v2_hf"] = r["ms_per_step"] / base
-        print(f"{key:10s} {r['ms_per_step']:9.1f} {r['audio_s_per_s']:10.1f} {r['time_ratio_vs_w2v2_hf']:15.2f} "
-              f"{r['params']:12,d}")
+        r["time_ratio_vs_w2v2_hf"] = r["ms_per_step"] / base if base else None
+        standard = contenders[key][2]
+        r["views_ratio_vs_standard"] = (r["views_per_s"] / results[standard]["views_per_s"]
+                                        if standard in results else None)
+        time_ratio = f"{r['time_ratio_vs_w2v2_hf']:15.2f}" if base else f"{'-':>15s}"
+        views_ratio = (f"{r['views_ratio_vs_standard']:15.2f}" if r["views_ratio_vs_standard"] is not None
+                       else f"{'-':>15s}")
+        print(f"{key:14s} {r['ms_per_step']:9.1f} {r['audio_s_per_s']:10.1f} {r['views_per_s']:8.2f} {time_ratio} "
+              f"{views_ratio} {r['params']:12,d}")
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,10 +247,14 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(list(results), [r["audio_s_per_s"] for r in results.values()], color=["gray", "C0", "C1", "C2"])
-    ax.set_ylabel("audio seconds / second")
-    ax.set_title(f"pretraining throughput, {args.preset}, {args.dtype}, {name}", fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    colors = [f"C{i}" if key != "w2v2-hf" else "gray" for i, key in enumerate(results)]
+    for ax, key, label in zip(axes, ("audio_s_per_s", "views_per_s"),
+                              ("audio seconds / second", "student views / second")):
+        ax.bar(list(results), [r[key] for r in results.values()], color=colors)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(f"pretraining throughput, {args.preset}, {args.dtype}, {name}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / f"{tag}.png", dpi=120)
     print(f"wrote {out / tag}.json and .png")

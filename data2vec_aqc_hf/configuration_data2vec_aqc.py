@@ -11,9 +11,10 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import Data2VecAudioConfig
 
-__all__ = ["Data2VecAQCConfig", "AQC_OBJECTIVES"]
+__all__ = ["Data2VecAQCConfig", "AQC_OBJECTIVES", "EFFICIENT_MASK_KINDS"]
 
 AQC_OBJECTIVES = ("aqc", "data2vec")
+EFFICIENT_MASK_KINDS = ("inverse_block", "span")
 PAPER_UPDATES = 400_000  # the run length the paper's schedule defaults are sized for
 SCHEDULE_FIELDS = ("ema_anneal_steps", "ema_decay_start", "ema_decay_end", "gumbel_temperature_decay")
 
@@ -53,6 +54,17 @@ AQC_ONLY_FIELDS = (
     "cluster_factor",
     "cluster_scale_factor",
     "cluster_iterations",
+    "efficient_mode",
+    "num_clones",
+    "efficient_mask_prob",
+    "efficient_mask_length",
+    "efficient_mask_kind",
+    "decoder_dim",
+    "decoder_kernel",
+    "decoder_layers",
+    "decoder_groups",
+    "decoder_input_dropout",
+    "decoder_mask_noise_std",
     "sampling_rate",
 )
 
@@ -130,6 +142,49 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
         cluster_iterations (`int`, 10): **(choice)** Lloyd iterations of the on-device k-means (the reference
             iterates to a tolerance; a fixed count keeps the step free of host synchronisation).
 
+    data2vec 2.0 efficient mode (spec 8; Baevski et al. 2022, "Efficient self-supervised learning with contextualized
+    target representations"; code in `efficient.py`). Off by default; the backbone and the exported CTC model are the
+    same either way (the decoder is pretraining-only, like the teacher):
+        efficient_mode (`bool`, False): the student encodes only its unmasked frames (no mask tokens in the
+            transformer), `num_clones` masked copies of each utterance share one teacher pass, and a light
+            convolutional decoder predicts the targets at every position from the student's output plus mask tokens;
+            regression (and, with `objective="aqc"`, both contrastive losses) on the masked positions. The targets and
+            the EMA are those of the standard mode. `mask_time_prob`/`mask_time_length` (and `final_proj`) are not used
+            in this mode, `efficient_mask_*` below are; the backbone's `masked_spec_embed` gets no gradient (it
+            stays for fine-tuning, where it masks the CTC model's input).
+        num_clones (`int`, 8): M, masked copies (student views) per utterance per step (data2vec 2.0 `clone_batch`).
+            The teacher runs once per utterance; its targets are repeated for each clone. **(choice)** With
+            `objective="aqc"` the utterance is augmented once and its clones share that augmented view (data2vec 2.0
+            clones after the CNN); both views are quantized once per utterance and the k-means runs once, over the
+            utterances' frames weighted by the number of clones that mask them.
+        efficient_mask_prob (`float`, 0.5), efficient_mask_length (`int`, 5): masked share of each clone and block
+            length (spec 8).
+        efficient_mask_kind (`str`, `"inverse_block"`): `"inverse_block"` (spec 8) chooses the frames the student
+            *keeps*: n = round((1 - prob) L / length) non-overlapping blocks of `length` frames per utterance of L
+            valid frames, placed uniformly at random; everything else is masked. **(choice)** Non-overlapping blocks,
+            so the masked share is exactly `prob` up to rounding (L - n length frames) and every utterance's kept
+            count is known from the padded frame count, so the student's input has a fixed length; data2vec 2.0
+            draws overlapping spans and trims every utterance to the batch's smallest count (`require_same_masks`).
+            At least one block is kept and at least one valid frame masked. `"span"`: the standard mode's span
+            masking (`compute_span_mask`, overlapping spans of `length` with `prob` as `mask_time_prob`, at least one
+            span), what data2vec 2.0's released audio recipe uses (`inverse_mask: false`, prob 0.5, length 5);
+            overlaps mask less than `prob`, and the student's input length is the largest kept count of the batch
+            (one host synchronisation per step, and not traceable by `torch.compile(fullgraph=True)`).
+        decoder_dim (`int`, 384), decoder_kernel (`int`, 7), decoder_layers (`int`, 4), decoder_groups (`int`, 16):
+            the decoder, data2vec 2.0's audio recipe: `decoder_layers` grouped 1-D convolutions (odd kernel, "same"
+            padding) of `decoder_dim` channels, each followed by a layer norm without parameters and GELU, with a
+            residual connection around every layer whose input has `decoder_dim` channels; then a linear map to
+            `hidden_size` (the prediction). **(choice)** Padded frames are zeroed after each layer, so padding never
+            changes a prediction.
+        decoder_input_dropout (`float`, 0.1): dropout on the student's output before it enters the decoder (data2vec
+            2.0 recipe).
+        decoder_mask_noise_std (`float`, 0.01): the mask tokens that fill the masked positions of the decoder's input
+            are Gaussian noise of this std (data2vec 2.0 `mask_noise_std`); 0 gives zero tokens.
+        **(choice)** With `objective="aqc"`, L_s's anchor is `contr_proj` of the decoder's output (the prediction) at
+        the masked positions (the standard mode uses the student's last hidden state, which in this mode exists
+        only at unmasked frames); L_t is unchanged (teacher target vs augmented codes), per clone with the clone's
+        mask and negatives.
+
     Audio:
         sampling_rate (`int`, 16000): the rate the model expects; the augmenter's reverb times use it.
 
@@ -195,6 +250,18 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
     cluster_factor: int = 16
     cluster_scale_factor: float = 0.3
     cluster_iterations: int = 10
+    # data2vec 2.0 efficient mode
+    efficient_mode: bool = False
+    num_clones: int = 8
+    efficient_mask_prob: float | int = 0.5
+    efficient_mask_length: int = 5
+    efficient_mask_kind: str = "inverse_block"
+    decoder_dim: int = 384
+    decoder_kernel: int = 7
+    decoder_layers: int = 4
+    decoder_groups: int = 16
+    decoder_input_dropout: float | int = 0.1
+    decoder_mask_noise_std: float | int = 0.01
     # audio
     sampling_rate: int = 16000
 
@@ -215,6 +282,23 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
         for name in ("aug_white_noise_prob", "aug_reverb_prob", "aug_background_prob", "aug_babble_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.efficient_mode:
+            self._validate_efficient_mode()
+
+    def _validate_efficient_mode(self) -> None:
+        if self.efficient_mask_kind not in EFFICIENT_MASK_KINDS:
+            raise ValueError(f"efficient_mask_kind must be one of {EFFICIENT_MASK_KINDS}, "
+                             f"got {self.efficient_mask_kind!r}")
+        if self.num_clones < 1 or self.efficient_mask_length < 1 or self.decoder_layers < 1:
+            raise ValueError("num_clones, efficient_mask_length and decoder_layers must be >= 1")
+        if not 0.0 < self.efficient_mask_prob < 1.0:
+            raise ValueError(f"efficient_mask_prob must be in (0, 1), got {self.efficient_mask_prob}")
+        if self.decoder_kernel % 2 == 0:
+            raise ValueError(f"decoder_kernel must be odd (same-length convolution), got {self.decoder_kernel}")
+        for name in ("hidden_size", "decoder_dim"):
+            if getattr(self, name) % self.decoder_groups:
+                raise ValueError(f"{name}={getattr(self, name)} must be divisible by "
+                                 f"decoder_groups={self.decoder_groups}")
 
     def scale_schedules_to(self, total_updates: int, reference_updates: int = PAPER_UPDATES,
                            min_ema_decay_start: float = 0.99, min_ema_decay_end: float = 0.999) -> None:
@@ -290,6 +374,8 @@ PRESETS: dict[str, dict] = {
         # (measured, issue 7) the CNN learns 10x slower than the rest in pretraining, as in wav2vec 2.0: with it,
         # 300 AQC updates fine-tuned to 86.5 % WER on the unseen dev speaker (scratch 95.5 %)
         feature_grad_mult=0.1,
+        # efficient mode (off unless efficient_mode=True): a decoder half the encoder's width, as base's 384 for 768
+        decoder_dim=128,
     ),
     "tiny": dict(
         hidden_size=64,
@@ -307,5 +393,6 @@ PRESETS: dict[str, dict] = {
         hidden_dropout=0.0,
         attention_dropout=0.0,
         layerdrop=0.0,
+        decoder_dim=32,
     ),
 }

@@ -49,6 +49,7 @@ from .contrastive import (
     num_clusters_for,
     pooled_frame_weights,
 )
+from .efficient import ConvDecoder, efficient_pretraining_forward, sample_efficient_randomness
 from .masking import compute_span_mask, sample_negative_indices
 from .quantizer import (
     GumbelProductQuantizer,
@@ -75,7 +76,7 @@ __all__ = [
 
 # Weights that exist only in pretraining checkpoints; a CTC or base model drops them silently on load.
 PRETRAINING_ONLY_KEYS = [r"^teacher(\.|_feature_)", r"^quantizer\.", r"^project_q\.", r"^final_proj\.", r"^contr_proj\.",
-                         r"^num_updates$"]
+                         r"^decoder\.", r"^num_updates$"]
 
 
 AUTO_MAP = {
@@ -253,8 +254,10 @@ class Data2VecAQCForPreTrainingOutput(ModelOutput):
         codebook_perplexity: perplexity of each codebook group `(G,)` (clean view, masked frames).
         gumbel_temperature: the current Gumbel temperature. ema_decay: the decay of the EMA step that made the
             current teacher (decay(num_updates)).
-        mask_time_indices: the student's mask `(batch, frames)`.
-        last_hidden_state: the student's last hidden state `(batch, frames, hidden)`.
+        mask_time_indices: the student's mask `(batch, frames)`; efficient mode: every clone's `(batch * num_clones,
+            frames)`.
+        last_hidden_state: the student's last hidden state `(batch, frames, hidden)`; efficient mode: at the kept
+            frames only, packed `(batch * num_clones, kept frames, hidden)` (`efficient.gather_kept_frames`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -329,7 +332,10 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         if config.teacher_feature_encoder:  # the teacher's own EMA copy of the CNN and projection
             self.teacher_feature_extractor = Data2VecAudioFeatureEncoder(config)
             self.teacher_feature_projection = Data2VecAudioFeatureProjection(config)
-        self.final_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        if config.efficient_mode:  # data2vec 2.0: the decoder predicts the targets (efficient.py)
+            self.decoder = ConvDecoder(config)
+        else:
+            self.final_proj = nn.Linear(config.hidden_size, config.hidden_size)
         if config.use_aqc:
             self.augmenter = WaveformAugmenter(config)
             self.quantizer = GumbelProductQuantizer(
@@ -442,8 +448,12 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         sample_step_randomness(x, m, g))` give the same losses bit for bit from the same generator state. Run it
         eagerly and pass the result into a compiled forward: it holds the draws that need a `torch.Generator`, which
         `torch.compile` cannot trace, and the k-means start, which depends on the mask. `mask_time_indices`: use
-        this mask and draw the rest; `deterministic_quantizer`: as in the forward (no Gumbel noise drawn)."""
+        this mask and draw the rest; `deterministic_quantizer`: as in the forward (no Gumbel noise drawn).
+        With `config.efficient_mode`: `efficient.sample_efficient_randomness` (the cloned shapes)."""
         config = self.config
+        if config.efficient_mode:
+            return sample_efficient_randomness(self, input_values, attention_mask, generator, mask_time_indices,
+                                               deterministic_quantizer)
         batch, samples = input_values.shape
         device = input_values.device
         augmentation = self.augmenter.sample((batch, samples), device, generator) if config.use_aqc else None
@@ -512,8 +522,17 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         randomness ([`StepRandomness`], optional): every random draw of the step, from `sample_step_randomness`;
             replaces `generator` and the draws above (not combined with them). The way to run the step under
             `torch.compile(fullgraph=True)`: the forward then draws nothing with a generator.
+        With `config.efficient_mode` the step is data2vec 2.0's (`efficient.efficient_pretraining_forward`, whose
+        docstring gives the cloned shapes of the draws; `decoder_mask_noise` is passed on from `kwargs`, and
+        `randomness` is then what `sample_step_randomness` returns in that mode).
         """
         config = self.config
+        if config.efficient_mode:
+            return efficient_pretraining_forward(
+                self, input_values, attention_mask, mask_time_indices, sampled_negative_indices,
+                augmented_input_values, cluster_labels, deterministic_quantizer, generator, normalize_inputs,
+                kwargs.get("decoder_mask_noise"), randomness,
+            )
         validate_input_values(input_values, attention_mask, config)
         augmentation_draws = gumbel_uniform = kmeans_init = None
         if randomness is not None:

@@ -68,7 +68,9 @@ class PretrainingArguments:
     model_preset: str = field(default="base", metadata={
         "help": "Config preset: 'base' (the paper's model), 'small' (4.3M, learns on 2 CPU cores) or 'tiny' (tests)."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Start from this checkpoint."})
-    config_overrides: str | None = field(default=None, metadata={"help": "JSON dict of config fields to change."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "JSON dict of config fields to change, e.g. '{\"efficient_mode\": true}' for data2vec 2.0's efficient "
+                "mode (student on unmasked frames, num_clones masked clones per teacher pass, conv decoder)."})
     objective: str = field(default="aqc", metadata={"help": "'aqc' or 'data2vec' (ablation)."})
     # data
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id, e.g. openslr/librispeech_asr."})
@@ -473,7 +475,9 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     with StopRequests() as stops:  # first: a signal during set-up is a stop request too
         set_seed(args.seed)  # before building the model: its initial weights come from the seed
         model = build_model(args)
-        kwargs = [DistributedDataParallelKwargs(find_unused_parameters=model.config.layerdrop > 0)]
+        # LayerDrop skips layers; the efficient mode never uses the backbone's masked_spec_embed (no mask tokens)
+        unused = model.config.layerdrop > 0 or model.config.efficient_mode
+        kwargs = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
         accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
