@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .quantizer import diversity_loss, perplexity_per_group
+
 
 @torch.no_grad()
 def spherical_kmeans(
@@ -107,3 +109,30 @@ def contrastive_loss_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     """Cross-entropy with the positive at index 0, summed over the masked frames."""
     per_frame = torch.logsumexp(logits, dim=-1) - logits[..., 0]
     return (per_frame * mask.to(per_frame.dtype)).sum()
+
+
+def feature_penalty(features: torch.Tensor, frame_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """wav2vec 2.0's feature penalty: the mean square of the CNN features `(batch, frames, channels)` over the valid
+    frames (`frame_valid` `(batch, frames)`, all frames when None)."""
+    squared = features.float().square().mean(-1)
+    if frame_valid is None:
+        return squared.mean()
+    return (squared * frame_valid).sum() / frame_valid.sum().clamp(min=1)
+
+
+def weighted_aqc_terms(config, out, student_sum, teacher_sum, denominator, marginal, penalty, temperature):
+    """Store the AQC loss terms on the output `out` (contrastive losses per masked frame, diversity loss, feature
+    penalty, codebook perplexity, Gumbel temperature) and return their weighted sum (spec 6), which the regression
+    loss is added to. `marginal`: the clean view's code marginal `(groups, entries)`."""
+    out.student_contrastive_loss = student_sum / denominator
+    out.teacher_contrastive_loss = teacher_sum / denominator
+    out.diversity_loss = diversity_loss(marginal)
+    out.feature_penalty = penalty
+    out.codebook_perplexity = perplexity_per_group(marginal).detach()
+    out.gumbel_temperature = temperature.float()
+    return (
+        (config.student_contrastive_weight * student_sum + config.teacher_contrastive_weight * teacher_sum)
+        / denominator
+        + config.diversity_loss_weight * out.diversity_loss
+        + config.feature_penalty_weight * penalty
+    )

@@ -40,12 +40,13 @@ from .augment import normalize_waveform
 from .contrastive import (
     cluster_views,
     contrastive_loss_sum,
+    feature_penalty,
     initial_centroid_rows,
     num_clusters_for,
     pooled_frame_weights,
+    weighted_aqc_terms,
 )
 from .masking import compute_span_mask, sample_negative_indices
-from .quantizer import diversity_loss, masked_mean_probs, perplexity_per_group
 
 __all__ = [
     "ConvDecoder",
@@ -407,15 +408,9 @@ def efficient_aqc_losses(model, out, clean_features, clean_norm, student_norm, p
 
     # quantize both views once per utterance; the diversity loss and perplexity over every clone's masked frames of
     # the clean view (frame weights = mask counts)
-    temperature = model.current_gumbel_temperature().to(clean_norm.device)
-    codes, soft_probs = model.quantizer(torch.cat([clean_norm, student_norm]), temperature, deterministic_quantizer,
-                                        generator, gumbel_uniform)
-    marginal = masked_mean_probs(soft_probs[:batch], mask_count)
-    quantized = model.project_q(codes)
-    quantized_clean, quantized_aug = quantized[:batch], quantized[batch:]
-
-    squared = clean_features.float().square().mean(-1)  # feature penalty, the clean view's valid frames
-    penalty = squared.mean() if frame_valid is None else (squared * frame_valid).sum() / frame_valid.sum().clamp(min=1)
+    quantized_clean, quantized_aug, marginal, temperature = model.quantize_views(
+        clean_norm, student_norm, mask_count, deterministic_quantizer, generator, gumbel_uniform)
+    penalty = feature_penalty(clean_features, frame_valid)
 
     # negatives: other masked frames of the same clone (its own mask), one set per loss
     if sampled_negative_indices is None:
@@ -451,14 +446,7 @@ def efficient_aqc_losses(model, out, clean_features, clean_norm, student_norm, p
     student_sum = contrastive_loss_sum(logits_s, mask)
     teacher_sum = contrastive_loss_sum(logits_t, mask)
 
-    out.student_contrastive_loss = student_sum / denominator
-    out.teacher_contrastive_loss = teacher_sum / denominator
-    out.diversity_loss = diversity_loss(marginal)
-    out.feature_penalty = penalty
-    out.codebook_perplexity = perplexity_per_group(marginal).detach()
-    out.gumbel_temperature = temperature.float()
-    return ((config.student_contrastive_weight * student_sum + config.teacher_contrastive_weight * teacher_sum)
-            / denominator + config.diversity_loss_weight * out.diversity_loss + config.feature_penalty_weight * penalty)
+    return weighted_aqc_terms(config, out, student_sum, teacher_sum, denominator, marginal, penalty, temperature)
 
 
 def _student_length(config, frames: int, keep: torch.BoolTensor) -> int:

@@ -45,18 +45,18 @@ from .contrastive import (
     cluster_views,
     contrastive_logits,
     contrastive_loss_sum,
+    feature_penalty,
     initial_centroid_rows,
     num_clusters_for,
     pooled_frame_weights,
+    weighted_aqc_terms,
 )
 from .efficient import ConvDecoder, efficient_pretraining_forward, sample_efficient_randomness
 from .masking import compute_span_mask, sample_negative_indices
 from .quantizer import (
     GumbelProductQuantizer,
-    diversity_loss,
     gumbel_temperature,
     masked_mean_probs,
-    perplexity_per_group,
 )
 from .teacher import FeedForwardRecorder, average_layer_targets, ema_decay, ema_update_
 
@@ -635,19 +635,9 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
 
         # quantize both views' CNN features in one call; the diversity loss and the perplexity use the clean view's
         # masked frames only, as the authors' code (its `prob_perplexity` comes from the clean view's quantizer call)
-        temperature = self.current_gumbel_temperature().to(clean_norm.device)
-        codes, soft_probs = self.quantizer(torch.cat([clean_norm, student_norm]), temperature,
-                                           deterministic_quantizer, generator, gumbel_uniform)
-        marginal = masked_mean_probs(soft_probs[:batch], mask)
-        quantized = self.project_q(codes)
-        quantized_clean, quantized_aug = quantized[:batch], quantized[batch:]
-
-        # feature penalty on the clean view (wav2vec 2.0), valid frames only
-        squared = clean_features.float().square().mean(-1)
-        if frame_valid is None:
-            penalty = squared.mean()
-        else:
-            penalty = (squared * frame_valid).sum() / frame_valid.sum().clamp(min=1)
+        quantized_clean, quantized_aug, marginal, temperature = self.quantize_views(
+            clean_norm, student_norm, mask, deterministic_quantizer, generator, gumbel_uniform)
+        penalty = feature_penalty(clean_features, frame_valid)  # wav2vec 2.0's, on the clean view's valid frames
 
         # negatives: other masked frames of the same utterance, one set per loss
         if sampled_negative_indices is None:
@@ -670,15 +660,18 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         student_sum = contrastive_loss_sum(logits_s, mask)
         teacher_sum = contrastive_loss_sum(logits_t, mask)
 
-        out.student_contrastive_loss = student_sum / denominator
-        out.teacher_contrastive_loss = teacher_sum / denominator
-        out.diversity_loss = diversity_loss(marginal)
-        out.feature_penalty = penalty
-        out.codebook_perplexity = perplexity_per_group(marginal).detach()
-        out.gumbel_temperature = temperature.float()
-        return (
-            (config.student_contrastive_weight * student_sum + config.teacher_contrastive_weight * teacher_sum)
-            / denominator
-            + config.diversity_loss_weight * out.diversity_loss
-            + config.feature_penalty_weight * penalty
-        )
+        return weighted_aqc_terms(config, out, student_sum, teacher_sum, denominator, marginal, penalty, temperature)
+
+    def quantize_views(self, clean_norm, student_norm, frame_weights, deterministic_quantizer=False, generator=None,
+                       gumbel_uniform=None):
+        """Quantize both views' normed CNN features in one quantizer call (spec 4). Returns the projected codes of
+        the clean and the augmented view, the clean view's code marginal over frames weighted by `frame_weights`
+        (the masked frames: the authors' `prob_perplexity` comes from the clean view's call only) and the Gumbel
+        temperature used."""
+        batch = clean_norm.shape[0]
+        temperature = self.current_gumbel_temperature().to(clean_norm.device)
+        codes, soft_probs = self.quantizer(torch.cat([clean_norm, student_norm]), temperature,
+                                           deterministic_quantizer, generator, gumbel_uniform)
+        marginal = masked_mean_probs(soft_probs[:batch], frame_weights)
+        quantized = self.project_q(codes)
+        return quantized[:batch], quantized[batch:], marginal, temperature
