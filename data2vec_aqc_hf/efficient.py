@@ -251,9 +251,7 @@ def efficient_pretraining_forward(
     Returns `Data2VecAQCForPreTrainingOutput` with `mask_time_indices` `(batch * M, frames)` and `last_hidden_state`
     the student's output at the kept frames `(batch * M, kept frames, hidden)`."""
     from .modeling_data2vec_aqc import (
-        Data2VecAQCForPreTrainingOutput,
         conv_features,
-        masked_std,
         scale_gradient,
         validate_input_values,
     )
@@ -332,23 +330,8 @@ def efficient_pretraining_forward(
     prediction = model.decoder(filled, clone_valid)
 
     # 6. regression on the masked positions of every clone, against the utterance's targets
-    clone_targets = per_clone(targets)
-    mask_f = mask.to(torch.float32)
-    num_masked = mask_f.sum()
-    denominator = num_masked.clamp(min=1.0)
-    scale = config.regression_loss_scale or 1.0 / math.sqrt(config.hidden_size)
-    squared_error = (prediction.float() - clone_targets).square().sum(-1) * scale
-    regression_sum = (squared_error * mask_f).sum()
-    loss = regression_sum / denominator
-    out = Data2VecAQCForPreTrainingOutput(
-        regression_loss=regression_sum / denominator,
-        num_masked_frames=num_masked,
-        target_std=masked_std(clone_targets, mask).detach(),
-        prediction_std=masked_std(prediction, mask).detach(),
-        ema_decay=model.current_ema_decay().float(),
-        mask_time_indices=mask,
-        last_hidden_state=student_out,
-    )
+    out, denominator = model.regression_output(prediction, per_clone(targets), mask, student_out)
+    loss = out.regression_loss
     if config.use_aqc:
         loss = loss + efficient_aqc_losses(model, out, clean_features, clean_norm, student_norm, prediction, targets,
                                            mask, frame_valid, sampled_negative_indices, cluster_labels,

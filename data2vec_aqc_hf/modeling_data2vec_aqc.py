@@ -579,9 +579,6 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         mask = mask_time_indices.to(torch.bool)
         if frame_valid is not None:
             mask = mask & frame_valid
-        mask_f = mask.to(torch.float32)
-        num_masked = mask_f.sum()
-        denominator = num_masked.clamp(min=1.0)
 
         # 4. student: project, replace masked frames by the learned mask embedding, encode, predict
         student_hidden, student_norm = backbone.feature_projection(student_features)
@@ -602,20 +599,8 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
             targets = self.teacher_targets(teacher_in, frame_valid)
 
         # 6. regression loss (data2vec, loss_beta = 0)
-        scale = config.regression_loss_scale or 1.0 / math.sqrt(config.hidden_size)
-        squared_error = (prediction.float() - targets).square().sum(-1) * scale
-        regression_sum = (squared_error * mask_f).sum()
-        loss = regression_sum / denominator
-
-        out = Data2VecAQCForPreTrainingOutput(
-            regression_loss=regression_sum / denominator,
-            num_masked_frames=num_masked,
-            target_std=masked_std(targets, mask).detach(),
-            prediction_std=masked_std(prediction, mask).detach(),
-            ema_decay=self.current_ema_decay().float(),
-            mask_time_indices=mask,
-            last_hidden_state=student_out,
-        )
+        out, denominator = self.regression_output(prediction, targets, mask, student_out)
+        loss = out.regression_loss
         if config.use_aqc:
             aqc_loss = self._aqc_losses(out, clean_features, clean_norm, student_norm, student_out, targets, mask,
                                         frame_valid, sampled_negative_indices, cluster_labels,
@@ -661,6 +646,28 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         teacher_sum = contrastive_loss_sum(logits_t, mask)
 
         return weighted_aqc_terms(config, out, student_sum, teacher_sum, denominator, marginal, penalty, temperature)
+
+    def regression_output(self, prediction, targets, mask, student_out):
+        """data2vec's regression loss (squared error summed over channels, scaled by 1/sqrt(hidden) unless
+        `regression_loss_scale` is set, averaged over the masked frames `mask` `(batch, frames)`) as the start of the
+        pretraining output, with the step's statistics; also returns the masked-frame count (>= 1), the denominator
+        of every per-frame loss."""
+        config = self.config
+        mask_f = mask.to(torch.float32)
+        num_masked = mask_f.sum()
+        denominator = num_masked.clamp(min=1.0)
+        scale = config.regression_loss_scale or 1.0 / math.sqrt(config.hidden_size)
+        squared_error = (prediction.float() - targets).square().sum(-1) * scale
+        out = Data2VecAQCForPreTrainingOutput(
+            regression_loss=(squared_error * mask_f).sum() / denominator,
+            num_masked_frames=num_masked,
+            target_std=masked_std(targets, mask).detach(),
+            prediction_std=masked_std(prediction, mask).detach(),
+            ema_decay=self.current_ema_decay().float(),
+            mask_time_indices=mask,
+            last_hidden_state=student_out,
+        )
+        return out, denominator
 
     def quantize_views(self, clean_norm, student_norm, frame_weights, deterministic_quantizer=False, generator=None,
                        gumbel_uniform=None):
