@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from .augment import normalize_waveform
 from .contrastive import (
     cluster_views,
     contrastive_loss_sum,
@@ -251,8 +250,6 @@ def efficient_pretraining_forward(
     Returns `Data2VecAQCForPreTrainingOutput` with `mask_time_indices` `(batch * M, frames)` and `last_hidden_state`
     the student's output at the kept frames `(batch * M, kept frames, hidden)`."""
     from .modeling_data2vec_aqc import (
-        conv_features,
-        scale_gradient,
         validate_input_values,
     )
 
@@ -274,35 +271,15 @@ def efficient_pretraining_forward(
                     else torch.ones_like(input_values, dtype=torch.bool))
 
     # 1. views and CNN features, as the standard mode
-    normalize = normalize_waveform if normalize_inputs else (lambda values, valid: values * valid)
-    clean = normalize(input_values.float(), sample_valid)
-    if config.use_aqc:
-        if augmented_input_values is None:
-            augmented_input_values = model.augmenter(input_values, sample_valid, generator, augmentation_draws)
-        elif augmented_input_values.shape != input_values.shape:
-            raise ValueError(f"augmented_input_values shape {tuple(augmented_input_values.shape)} differs from "
-                             f"input_values {tuple(input_values.shape)}")
-        student_view = normalize(augmented_input_values.float(), sample_valid)
-    else:
-        student_view = clean
     backbone = model.data2vec_audio
-    student_features = scale_gradient(conv_features(backbone.feature_extractor, student_view), config.feature_grad_mult)
+    clean, student_features, clean_features, frame_valid = model.views_and_features(
+        input_values, attention_mask, sample_valid, augmented_input_values, generator, augmentation_draws,
+        normalize_inputs)
     frames = student_features.shape[1]
-    frame_valid = (backbone._get_feature_vector_attention_mask(frames, attention_mask)
-                   if attention_mask is not None else None)
-    clean_features = (scale_gradient(conv_features(backbone.feature_extractor, clean), config.feature_grad_mult)
-                      if config.use_aqc else student_features)
 
     # 2. teacher: once per utterance, on the clean unmasked features
     clean_norm = backbone.feature_projection.layer_norm(clean_features)
-    with torch.no_grad():
-        if config.teacher_feature_encoder:
-            projection = model.teacher_feature_projection
-            teacher_in = projection.projection(projection.layer_norm(conv_features(model.teacher_feature_extractor,
-                                                                                     clean)))
-        else:
-            teacher_in = backbone.feature_projection.projection(clean_norm)
-        targets = model.teacher_targets(teacher_in, frame_valid)
+    targets = model.clean_view_targets(clean, clean_norm, frame_valid)
 
     # 3. M clones per utterance, each with its own mask
     def per_clone(x):

@@ -548,30 +548,12 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         sample_valid = (attention_mask.bool() if attention_mask is not None
                         else torch.ones_like(input_values, dtype=torch.bool))
 
-        # 1. the two views: clean (teacher, clean quantizer view) and augmented (student); each normalised
-        normalize = normalize_waveform if normalize_inputs else (lambda values, valid: values * valid)
-        clean = normalize(input_values.float(), sample_valid)
-        if config.use_aqc:
-            if augmented_input_values is None:
-                augmented_input_values = self.augmenter(input_values, sample_valid, generator, augmentation_draws)
-            elif augmented_input_values.shape != input_values.shape:
-                raise ValueError(
-                    f"augmented_input_values shape {tuple(augmented_input_values.shape)} differs from "
-                    f"input_values {tuple(input_values.shape)}"
-                )
-            student_view = normalize(augmented_input_values.float(), sample_valid)
-        else:
-            student_view = clean
-
-        # 2. CNN features of each view; frame-level padding mask
+        # 1-2. the two views (clean: teacher and the clean quantizer view; augmented: student), their CNN features
         backbone = self.data2vec_audio
-        student_features = scale_gradient(conv_features(backbone.feature_extractor, student_view),
-                                          config.feature_grad_mult)
+        clean, student_features, clean_features, frame_valid = self.views_and_features(
+            input_values, attention_mask, sample_valid, augmented_input_values, generator, augmentation_draws,
+            normalize_inputs)
         frames = student_features.shape[1]
-        frame_valid = (backbone._get_feature_vector_attention_mask(frames, attention_mask)
-                       if attention_mask is not None else None)
-        clean_features = (scale_gradient(conv_features(backbone.feature_extractor, clean), config.feature_grad_mult)
-                          if config.use_aqc else student_features)
 
         # 3. span mask (student only)
         if mask_time_indices is None:
@@ -589,14 +571,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
 
         # 5. teacher: clean, unmasked, pre-dropout projected features -> average of top-K instance-normed FFN outputs
         clean_norm = backbone.feature_projection.layer_norm(clean_features)
-        with torch.no_grad():
-            if config.teacher_feature_encoder:
-                teacher_in = conv_features(self.teacher_feature_extractor, clean)
-                projection = self.teacher_feature_projection
-                teacher_in = projection.projection(projection.layer_norm(teacher_in))
-            else:
-                teacher_in = backbone.feature_projection.projection(clean_norm)
-            targets = self.teacher_targets(teacher_in, frame_valid)
+        targets = self.clean_view_targets(clean, clean_norm, frame_valid)
 
         # 6. regression loss (data2vec, loss_beta = 0)
         out, denominator = self.regression_output(prediction, targets, mask, student_out)
@@ -646,6 +621,49 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         teacher_sum = contrastive_loss_sum(logits_t, mask)
 
         return weighted_aqc_terms(config, out, student_sum, teacher_sum, denominator, marginal, penalty, temperature)
+
+    def views_and_features(self, input_values, attention_mask, sample_valid, augmented_input_values=None,
+                           generator=None, augmentation_draws=None, normalize_inputs=True):
+        """The step's two views and their CNN features (spec 1-2): the clean view (normalised per utterance unless
+        `normalize_inputs` is False) and, with AQC, the augmented student view (`augmented_input_values`, else drawn
+        by the augmenter); without AQC the student sees the clean view. Returns `(clean, student_features,
+        clean_features, frame_valid)`: the clean waveform, both views' features `(batch, frames, channels)` with
+        `feature_grad_mult` applied, and the frame padding mask (None without `attention_mask`)."""
+        config = self.config
+        normalize = normalize_waveform if normalize_inputs else (lambda values, valid: values * valid)
+        clean = normalize(input_values.float(), sample_valid)
+        if config.use_aqc:
+            if augmented_input_values is None:
+                augmented_input_values = self.augmenter(input_values, sample_valid, generator, augmentation_draws)
+            elif augmented_input_values.shape != input_values.shape:
+                raise ValueError(
+                    f"augmented_input_values shape {tuple(augmented_input_values.shape)} differs from "
+                    f"input_values {tuple(input_values.shape)}"
+                )
+            student_view = normalize(augmented_input_values.float(), sample_valid)
+        else:
+            student_view = clean
+        backbone = self.data2vec_audio
+        student_features = scale_gradient(conv_features(backbone.feature_extractor, student_view),
+                                          config.feature_grad_mult)
+        frames = student_features.shape[1]
+        frame_valid = (backbone._get_feature_vector_attention_mask(frames, attention_mask)
+                       if attention_mask is not None else None)
+        clean_features = (scale_gradient(conv_features(backbone.feature_extractor, clean), config.feature_grad_mult)
+                          if config.use_aqc else student_features)
+        return clean, student_features, clean_features, frame_valid
+
+    @torch.no_grad()
+    def clean_view_targets(self, clean, clean_norm, frame_valid):
+        """The teacher's targets (spec 3) from the clean view: its own EMA CNN on the waveform `clean` with
+        `teacher_feature_encoder`, else the student's CNN features (`clean_norm`, layer-normed) projected."""
+        if self.config.teacher_feature_encoder:
+            projection = self.teacher_feature_projection
+            teacher_in = projection.projection(projection.layer_norm(conv_features(self.teacher_feature_extractor,
+                                                                                   clean)))
+        else:
+            teacher_in = self.data2vec_audio.feature_projection.projection(clean_norm)
+        return self.teacher_targets(teacher_in, frame_valid)
 
     def regression_output(self, prediction, targets, mask, student_out):
         """data2vec's regression loss (squared error summed over channels, scaled by 1/sqrt(hidden) unless
