@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example, resampled_length
+from .audio import (
+    TARGET_SAMPLING_RATE,
+    AudioError,
+    load_audio_example,
+    load_audio_window,
+    resampled_length,
+    window_start,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +157,7 @@ class DataStats:
 
 def random_crop(audio: np.ndarray, max_samples: int, rng: random.Random) -> np.ndarray:
     """A uniformly placed window of at most `max_samples`."""
-    if len(audio) <= max_samples:
-        return audio
-    start = rng.randrange(0, len(audio) - max_samples + 1)
+    start = window_start(len(audio), max_samples, rng)
     return audio[start : start + max_samples]
 
 
@@ -163,13 +168,12 @@ def normalize(audio: np.ndarray) -> np.ndarray:
 
 def collate_audio(waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """Zero-pad to the longest; `attention_mask` marks real samples."""
-    longest = max(len(w) for w in waves)
-    input_values = torch.zeros(len(waves), longest)
-    attention_mask = torch.zeros(len(waves), longest, dtype=torch.long)
+    lengths = np.array([len(w) for w in waves])
+    input_values = np.zeros((len(waves), lengths.max()), dtype=np.float32)
     for i, w in enumerate(waves):
-        input_values[i, : len(w)] = torch.from_numpy(w)
-        attention_mask[i, : len(w)] = 1
-    return {"input_values": input_values, "attention_mask": attention_mask}
+        input_values[i, : len(w)] = w
+    attention_mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
+    return {"input_values": torch.from_numpy(input_values), "attention_mask": torch.from_numpy(attention_mask)}
 
 
 class PretrainingStream(torch.utils.data.IterableDataset):
@@ -293,21 +297,24 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         for position, example, rng in self._examples(worker, num_workers):
             name = example["audio"] if isinstance(example["audio"], str) else (example["audio"] or {}).get("path")
             try:
-                audio = load_audio_example(example, "audio", channel=example.get("channel"))
+                if isinstance(example["audio"], str) and example.get("channel") is None:
+                    crop, length = load_audio_window(example["audio"], self.max_samples, rng)  # decodes the window
+                else:
+                    audio = load_audio_example(example, "audio", channel=example.get("channel"))
+                    crop, length = random_crop(audio, self.max_samples, rng), len(audio)
             except AudioError as err:
                 self._skip(stats, name, str(err))
                 continue
-            if len(audio) < self.min_samples:
-                self._skip(stats, name, f"{len(audio) / TARGET_SAMPLING_RATE:.2f} s is shorter than the minimum "
+            if length < self.min_samples:
+                self._skip(stats, name, f"{length / TARGET_SAMPLING_RATE:.2f} s is shorter than the minimum "
                                         f"{self.min_samples / TARGET_SAMPLING_RATE:.2f} s")
                 continue
-            crop = random_crop(audio, self.max_samples, rng)
             if not np.ptp(crop):  # digital silence: normalising gives an all-zero input, which trains on nothing
                 self._skip(stats, name, f"{name}: a {len(crop) / TARGET_SAMPLING_RATE:.2f} s random crop of it is "
                                         f"silent (every sample {float(crop[0]):g}); skipped this time")
                 continue
             stats.loaded += 1
-            if len(audio) > self.max_samples:
+            if length > self.max_samples:
                 stats.cropped += 1
             crop = normalize(crop)
             if self._closes_batch(max((len(w) for w in pending), default=0), len(pending), len(crop)):
