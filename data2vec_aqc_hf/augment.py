@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .profiling import profiled
+
 _EPS = 1e-8
 
 
@@ -226,6 +228,7 @@ class WaveformAugmenter(nn.Module):
             draws.apply_background = _coin(self.background_prob, batch, generator, device)
         return draws
 
+    @profiled("augmentation")
     def forward(self, x: torch.Tensor, valid: torch.Tensor, generator=None,
                 draws: AugmentationDraws | None = None) -> torch.Tensor:
         """Augmented copy of `x` `(batch, samples)` (float32; padding zero). The input is not modified. The random

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .profiling import profiled
 from .quantizer import diversity_loss, perplexity_per_group
 
 
@@ -57,6 +58,7 @@ def num_clusters_for(frames: int, cluster_factor: int) -> int:
     return max(2, frames // cluster_factor)
 
 
+@profiled("kmeans")
 def cluster_views(
     quantized_views: torch.Tensor, mask: torch.Tensor, cluster_factor: int, iterations: int, generator=None,
     init: torch.LongTensor | None = None,
@@ -76,6 +78,7 @@ def cluster_views(
     return labels.view(views, batch, frames)
 
 
+@profiled("contrastive")
 def contrastive_logits(
     anchors: torch.Tensor,
     targets: torch.Tensor,
@@ -105,6 +108,7 @@ def contrastive_logits(
     return torch.cat([logits[..., :1], neg_logits], dim=-1)
 
 
+@profiled("contrastive")
 def contrastive_loss_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the positive at index 0, summed over the masked frames."""
     per_frame = torch.logsumexp(logits, dim=-1) - logits[..., 0]

@@ -46,6 +46,7 @@ from .contrastive import (
     weighted_aqc_terms,
 )
 from .masking import compute_span_mask, sample_negative_indices
+from .profiling import profiled
 
 __all__ = [
     "ConvDecoder",
@@ -151,6 +152,7 @@ def gather_kept_frames(x: torch.Tensor, keep: torch.BoolTensor, num_kept: int):
     return packed, slot_valid
 
 
+@profiled("student")
 def encode_kept_frames(encoder, hidden_states: torch.Tensor, keep: torch.BoolTensor, num_kept: int,
                        layer_keep: torch.BoolTensor | None = None):
     """The student's transformer (transformers' `Data2VecAudioEncoder`, its own modules) on the kept frames only.
@@ -195,6 +197,7 @@ class ConvDecoder(nn.Module):
         self.proj = nn.Linear(dim, hidden)
         self.mask_noise_std = config.decoder_mask_noise_std
 
+    @profiled("decoder")
     def fill(self, student_out: torch.Tensor, keep: torch.BoolTensor, frame_valid: torch.Tensor | None,
              mask_noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """The decoder's input `(batch, frames, hidden)`: frame t holds the student's output for it where it was
@@ -212,6 +215,7 @@ class ConvDecoder(nn.Module):
             filled = filled * frame_valid[..., None].to(filled.dtype)
         return filled
 
+    @profiled("decoder")
     def forward(self, filled: torch.Tensor, frame_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Predictions `(batch, frames, hidden)` from the filled input `(batch, frames, hidden)` (`fill`)."""
         x = filled.transpose(1, 2)
@@ -318,6 +322,7 @@ def efficient_pretraining_forward(
     return out
 
 
+@profiled("contrastive")
 def cosine_matrix(anchors: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Cosine similarity of every anchor with every target, `(n, a, d) x (n, t, d) -> (n, a, t)` in fp32:
     `x . y / max(|x| |y|, eps)`, as `F.cosine_similarity`."""
@@ -326,6 +331,7 @@ def cosine_matrix(anchors: torch.Tensor, targets: torch.Tensor, eps: float = 1e-
     return (anchors @ targets.transpose(1, 2)) / norms.clamp(min=eps)
 
 
+@profiled("contrastive")
 def clone_contrastive_logits(
     similarity: torch.Tensor,
     negative_indices: torch.LongTensor,

@@ -53,6 +53,7 @@ from .contrastive import (
 )
 from .efficient import ConvDecoder, efficient_pretraining_forward, sample_efficient_randomness
 from .masking import compute_span_mask, sample_negative_indices
+from .profiling import profiled
 from .quantizer import (
     GumbelProductQuantizer,
     gumbel_temperature,
@@ -156,6 +157,7 @@ def validate_input_values(input_values, attention_mask, config) -> None:
         )
 
 
+@profiled("cnn")
 def conv_features(feature_encoder: Data2VecAudioFeatureEncoder, waveform: torch.Tensor) -> torch.Tensor:
     """CNN features `(batch, frames, channels)` of `waveform` `(batch, samples)`: transformers'
     `Data2VecAudioFeatureEncoder` conv layers applied in turn. Its own `forward` sets `requires_grad = True` on the
@@ -431,6 +433,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
             config.mask_time_min_masks, generator, device=device, require_same_masks=config.mask_require_same_masks,
         )
 
+    @profiled("contrastive")
     def _draw_negatives(self, mask: torch.BoolTensor, generator) -> torch.LongTensor:
         return torch.stack([sample_negative_indices(mask, self.config.num_negatives, generator) for _ in range(2)])
 
@@ -477,6 +480,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
                                                        num_clusters_for(frames, config.cluster_factor), generator)
         return randomness
 
+    @profiled("student")
     def _encode_student(self, hidden_states: torch.Tensor, frame_valid: torch.Tensor | None) -> torch.Tensor:
         """The student's transformer: transformers' encoder; while compiling a training step with LayerDrop, the
         same computation with the layer choice as a mask (`encode_with_layer_mask`), drawn from the global RNG."""
@@ -654,6 +658,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         return clean, student_features, clean_features, frame_valid
 
     @torch.no_grad()
+    @profiled("teacher")
     def clean_view_targets(self, clean, clean_norm, frame_valid):
         """The teacher's targets (spec 3) from the clean view: its own EMA CNN on the waveform `clean` with
         `teacher_feature_encoder`, else the student's CNN features (`clean_norm`, layer-normed) projected."""
@@ -665,6 +670,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
             teacher_in = self.data2vec_audio.feature_projection.projection(clean_norm)
         return self.teacher_targets(teacher_in, frame_valid)
 
+    @profiled("regression")
     def regression_output(self, prediction, targets, mask, student_out):
         """data2vec's regression loss (squared error summed over channels, scaled by 1/sqrt(hidden) unless
         `regression_loss_scale` is set, averaged over the masked frames `mask` `(batch, frames)`) as the start of the
@@ -687,6 +693,7 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
         )
         return out, denominator
 
+    @profiled("quantizer")
     def quantize_views(self, clean_norm, student_norm, frame_weights, deterministic_quantizer=False, generator=None,
                        gumbel_uniform=None):
         """Quantize both views' normed CNN features in one quantizer call (spec 4). Returns the projected codes of
