@@ -62,6 +62,15 @@ PRETRAINING_SOURCES = ("librispeech_train-clean-100", "ljspeech")  # plus FSDD a
 BABBLE_SOURCE = "librispeech_test-other"
 
 
+# pretrained arms: name -> (objective, config overrides of the pretraining run)
+ARMS = {
+    "aqc": ("aqc", {}),
+    "data2vec": ("data2vec", {}),
+    "aqc-efficient": ("aqc", {"efficient_mode": True}),
+    "data2vec-efficient": ("data2vec", {"efficient_mode": True}),
+}
+
+
 @dataclass
 class ExperimentArguments:
     """Options of `training/experiments/fsdd_ssl.py`; the defaults are the one-hour CPU design."""
@@ -74,7 +83,9 @@ class ExperimentArguments:
     scale: float = field(default=1.0, metadata={
         "help": "Multiply every step count (pretraining and fine-tuning) by this: the same design, larger (e.g. 10 "
                 "where a GPU is lent)."})
-    objectives: str = field(default="aqc,data2vec,none", metadata={"help": "Initialisations; 'none' = scratch."})
+    objectives: str = field(default="aqc,data2vec,none", metadata={
+        "help": "Initialisations: aqc, data2vec (pretrained with that objective), aqc-efficient, data2vec-efficient "
+                "(the same in data2vec 2.0's efficient mode, efficient_mode=True), none (scratch)."})
     test_speakers: str | None = field(default=None, metadata={"help": "Folds (default: all four FSDD speakers)."})
     seeds: str = field(default="0,1", metadata={"help": "Fine-tuning seeds (each fold x seed is one sample)."})
     label_sets: str = field(default="low,full", metadata={"help": "'low' and/or 'full' labelled training sets."})
@@ -123,9 +134,9 @@ class ExperimentArguments:
 
     def __post_init__(self):
         self.objectives_list = [o.strip() for o in self.objectives.split(",") if o.strip()]
-        unknown = set(self.objectives_list) - {"aqc", "data2vec", "none"}
+        unknown = set(self.objectives_list) - set(ARMS) - {"none"}
         if unknown:
-            raise ValueError(f"unknown objective(s) {sorted(unknown)}; choose from aqc, data2vec, none")
+            raise ValueError(f"unknown objective(s) {sorted(unknown)}; choose from {', '.join(ARMS)}, none")
         self.seed_list = [int(s) for s in self.seeds.split(",")]
         self.label_set_list = [s.strip() for s in self.label_sets.split(",")]
         if set(self.label_set_list) - {"low", "full"}:
@@ -231,6 +242,7 @@ def pretrain_command(args: ExperimentArguments, objective: str, audio_files: lis
         writer = csv.writer(f)
         writer.writerow(["file_name"])
         writer.writerows([str(Path(a).resolve())] for a in audio_files)
+    objective, overrides = ARMS[objective]
     flags = dict(output_dir=out_dir, model_preset=args.model_preset, objective=objective, train_data=manifest,
                  min_duration_in_seconds=0.2, max_duration_in_seconds=args.pretrain_max_seconds,
                  max_batch_duration_in_seconds=args.pretrain_batch_seconds, learning_rate=args.pretrain_learning_rate,
@@ -238,6 +250,8 @@ def pretrain_command(args: ExperimentArguments, objective: str, audio_files: lis
                  decay_ratio=0.07,
                  max_steps=args.steps(args.pretrain_steps), logging_steps=10, save_steps=10 ** 9, save_total_limit=1,
                  seed=0)
+    if overrides:
+        flags["config_overrides"] = json.dumps(overrides)
     cmd = [sys.executable, "-m", "data2vec_aqc_hf.pretraining"]
     for key, value in flags.items():
         cmd += [f"--{key}", str(value)]
@@ -359,7 +373,7 @@ def run_representation_probe(args, out: Path, pretrained: dict, fsdd_rows: list[
     if not args.pretrain_on_test_speaker_audio:
         return {}
     cache = out / "representation_probe.json"
-    settings = {**pretrain_settings(args), "folds": folds}
+    settings = {**pretrain_settings(args), "folds": folds, "arms": sorted({o for o, _ in pretrained})}
     if _finished(cache, settings):
         return json.loads(cache.read_text())["probe"]
     from transformers import Data2VecAudioModel
@@ -767,21 +781,24 @@ def target_lines(summary: dict, names: list[str]) -> list[str]:
         lines.append(f"* Best pretrained model, clean WER <= 10 %: {init} / {labels} = {100 * value:.1f} % "
                      f"-> {'met' if value <= 0.10 else 'NOT met'}")
     scratch = mean("low", "none")
-    for init in ("aqc", "data2vec"):
+    for init in ARMS:
         value = mean("low", init)
         if scratch is not None and value is not None:
             gain = relative_gain(scratch, value)
             lines.append(f"* Low-resource, {init} vs scratch, >= 30 % relative: {100 * value:.1f} vs "
                          f"{100 * scratch:.1f} % = {100 * gain:+.0f} % -> {'met' if gain >= 0.30 else 'NOT met'}")
     for labels in summary:
-        aqc, d2v = mean(labels, "aqc"), mean(labels, "data2vec")
-        if aqc is None or d2v is None:
-            continue
-        parts = [f"clean {100 * aqc:.1f} vs {100 * d2v:.1f}"]
-        for cond in [c for c in names if c.endswith(("_5", "_0"))]:
-            a, d = mean(labels, "aqc", cond), mean(labels, "data2vec", cond)
-            if a is None or d is None:
+        for suffix in ("", "-efficient"):
+            aqc_arm, d2v_arm = "aqc" + suffix, "data2vec" + suffix
+            aqc, d2v = mean(labels, aqc_arm), mean(labels, d2v_arm)
+            if aqc is None or d2v is None:
                 continue
-            parts.append(f"{cond} {100 * a:.1f} vs {100 * d:.1f} ({'better' if a < d else 'not better'})")
-        lines.append(f"* `{labels}`: AQC vs data2vec (AQC should match clean, beat at 5 and 0 dB): " + "; ".join(parts))
+            parts = [f"clean {100 * aqc:.1f} vs {100 * d2v:.1f}"]
+            for cond in [c for c in names if c.endswith(("_5", "_0"))]:
+                a, d = mean(labels, aqc_arm, cond), mean(labels, d2v_arm, cond)
+                if a is None or d is None:
+                    continue
+                parts.append(f"{cond} {100 * a:.1f} vs {100 * d:.1f} ({'better' if a < d else 'not better'})")
+            lines.append(f"* `{labels}`: {aqc_arm} vs {d2v_arm} (AQC should match clean, beat at 5 and 0 dB): "
+                         + "; ".join(parts))
     return lines

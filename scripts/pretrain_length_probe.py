@@ -23,8 +23,15 @@ from transformers import Data2VecAudioModel, set_seed
 
 from data2vec_aqc_hf import Data2VecAQCConfig, Data2VecAQCForPreTraining
 from data2vec_aqc_hf.audio import load_audio
-from data2vec_aqc_hf.experiment import (ExperimentArguments, linear_probe_accuracy, load_corpus, pooled_hidden_states,
-                                        pretrain_command, run_commands)
+from data2vec_aqc_hf.experiment import (
+    ARMS,
+    ExperimentArguments,
+    linear_probe_accuracy,
+    load_corpus,
+    pooled_hidden_states,
+    pretrain_command,
+    run_commands,
+)
 
 
 def probe(model, clips, labels, speakers, fit_speakers, dev_speaker) -> list[float]:
@@ -87,7 +94,8 @@ def main():
         path = out / objective
         results[objective] = {}
         for ckpt in sorted((path / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
-            model = Data2VecAQCForPreTraining(Data2VecAQCConfig.from_preset("small", objective=objective))
+            name, overrides = ARMS[objective]
+            model = Data2VecAQCForPreTraining(Data2VecAQCConfig.from_preset("small", objective=name, **overrides))
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
             step = int(ckpt.name.split("-")[1])
             results[objective][step] = probe(model.data2vec_audio, clips, labels, speakers, fit_speakers,

@@ -429,3 +429,18 @@ def test_experiment_progress_lines(tmp_path):
     assert last_progress(log) == "update 60/300, 00:40 elapsed, 02:40 left"
     assert eta_minutes([300.0, 420.0], 6, 2) == "about 12 min left"  # 4 left, 2 at a time, 6 min each
     assert eta_minutes([60.0] * 3, 3, 2) == "done"
+
+
+def test_efficient_arms_pretrain_with_the_objective_in_efficient_mode(tmp_path):
+    from data2vec_aqc_hf.experiment import ExperimentArguments, pretrain_command
+
+    args = ExperimentArguments(objectives="aqc-efficient,data2vec-efficient,aqc,none", output_dir=str(tmp_path))
+    for arm, objective, efficient in [("aqc-efficient", "aqc", True), ("data2vec-efficient", "data2vec", True),
+                                      ("aqc", "aqc", False)]:
+        cmd = pretrain_command(args, arm, [str(DEMO / "audio/fsdd/jackson/0_jackson_0.flac")], tmp_path / arm)
+        flags = dict(zip(cmd[3::2], cmd[4::2]))
+        assert flags["--objective"] == objective
+        assert (json.loads(flags["--config_overrides"]) == {"efficient_mode": True}) if efficient else (
+            "--config_overrides" not in flags)
+    with pytest.raises(ValueError, match="unknown objective"):
+        ExperimentArguments(objectives="aqc-fast")
