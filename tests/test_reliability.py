@@ -433,7 +433,11 @@ def test_a_signal_to_the_accelerate_launcher_alone_leaves_no_training_process_ru
     run.proc.wait(60)
     run.finish(timeout=120)  # the training process closed its end of the pipes
     assert _exited(child, timeout=60), "the training process is still running: " + run.text()
-    assert f"the launcher, pid {run.proc.pid}, exited" in run.text(), run.text()
+    # accelerate < 1.16 forwards nothing: the launcher's death reaches the training process as its parent-death
+    # signal; 1.16 forwards SIGTERM itself (and SIGKILLs it 5 s later: docs/RELIABILITY.md). Either way it stops
+    # cleanly after its update, with a complete checkpoint.
+    assert (f"the launcher, pid {run.proc.pid}, exited" in run.text()
+            or "received SIGTERM: finishing the current update" in run.text()), run.text()
     assert "stopped by SIGTERM" in run.text(), run.text()
     assert _stopped_checkpoint(out) < 60
 
