@@ -56,7 +56,7 @@ def attribute(events) -> tuple[dict[str, float], float]:
     for e in events:  # forward ops carry the sequence number their backward node gets
         if e.sequence_nr >= 0 and not e.name.startswith(BACKWARD_PREFIX):
             part = part_of(e)
-            if part is not None and e.sequence_nr not in forward_part:
+            if part not in (None, "backward") and e.sequence_nr not in forward_part:
                 forward_part[e.sequence_nr] = part
     times = defaultdict(float)
     step_total = 0.0
