@@ -103,6 +103,8 @@ def load_audio_window(path: str | os.PathLike, max_samples: int, rng: random.Ran
     reads a third of it); anything else decodes whole, then crops. Either way the window is the one
     `data.random_crop(load_audio(path), max_samples, rng)` gives: the same `rng` draw, the same samples."""
     name = str(path)
+    if not os.path.exists(path):
+        raise AudioError(f"{name}: file not found")
     try:
         with sf.SoundFile(path) as f:
             frames, sr, channels = f.frames, f.samplerate, f.channels
