@@ -99,18 +99,15 @@ def load_audio(
 def load_audio_window(path: str | os.PathLike, max_samples: int, rng: random.Random,
                       target_sr: int = TARGET_SAMPLING_RATE) -> tuple[np.ndarray, int]:
     """A uniformly placed window of at most `max_samples` of a file's audio at `target_sr`, and the full length in
-    samples at `target_sr`. A mono file already at `target_sr` decodes only the window (a 12 s file cropped to 4 s
-    reads a third of it); anything else decodes whole, then crops. Either way the window is the one
+    samples at `target_sr`. The file decodes whole (its checks, e.g. a constant offset, are about the whole file),
+    then is cropped. Either way the window is the one
     `data.random_crop(load_audio(path), max_samples, rng)` gives: the same `rng` draw, the same samples."""
     name = str(path)
     if not os.path.exists(path):
         raise AudioError(f"{name}: file not found")
     try:
         with sf.SoundFile(path) as f:
-            frames, sr, channels = f.frames, f.samplerate, f.channels
-            if sr == target_sr and channels == 1 and frames > max_samples:
-                f.seek(window_start(frames, max_samples, rng))
-                return prepare_audio(f.read(max_samples, dtype="float32", always_2d=True), sr, name, target_sr), frames
+            sr = f.samplerate
             data = f.read(dtype="float32", always_2d=True)
     except FileNotFoundError as err:
         raise AudioError(f"{name}: file not found") from err
