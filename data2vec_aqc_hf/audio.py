@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 
 import numpy as np
 import soundfile as sf
@@ -94,33 +93,6 @@ def load_audio(
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioError(f"{name}: cannot decode audio ({err})") from err
     return prepare_audio(data, sr, name, target_sr, min_samples, channel)
-
-
-def load_audio_window(path: str | os.PathLike, max_samples: int, rng: random.Random,
-                      target_sr: int = TARGET_SAMPLING_RATE) -> tuple[np.ndarray, int]:
-    """A uniformly placed window of at most `max_samples` of a file's audio at `target_sr`, and the full length in
-    samples at `target_sr`. The file decodes whole (its checks, e.g. a constant offset, are about the whole file),
-    then is cropped. Either way the window is the one
-    `data.random_crop(load_audio(path), max_samples, rng)` gives: the same `rng` draw, the same samples."""
-    name = str(path)
-    if not os.path.exists(path):
-        raise AudioError(f"{name}: file not found")
-    try:
-        with sf.SoundFile(path) as f:
-            sr = f.samplerate
-            data = f.read(dtype="float32", always_2d=True)
-    except FileNotFoundError as err:
-        raise AudioError(f"{name}: file not found") from err
-    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise AudioError(f"{name}: cannot decode audio ({err})") from err
-    audio = prepare_audio(data, sr, name, target_sr)
-    start = window_start(len(audio), max_samples, rng)
-    return audio[start : start + max_samples], len(audio)
-
-
-def window_start(length: int, max_samples: int, rng: random.Random) -> int:
-    """Start of a uniformly placed window of `max_samples` in `length` samples (0, and no draw, when it fits)."""
-    return rng.randrange(0, length - max_samples + 1) if length > max_samples else 0
 
 
 def load_audio_example(example: dict, audio_column: str = "audio", target_sr: int = TARGET_SAMPLING_RATE,

@@ -19,14 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import (
-    TARGET_SAMPLING_RATE,
-    AudioError,
-    load_audio_example,
-    load_audio_window,
-    resampled_length,
-    window_start,
-)
+from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example, resampled_length
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +150,9 @@ class DataStats:
 
 def random_crop(audio: np.ndarray, max_samples: int, rng: random.Random) -> np.ndarray:
     """A uniformly placed window of at most `max_samples`."""
-    start = window_start(len(audio), max_samples, rng)
+    if len(audio) <= max_samples:
+        return audio
+    start = rng.randrange(0, len(audio) - max_samples + 1)
     return audio[start : start + max_samples]
 
 
@@ -297,11 +292,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         for position, example, rng in self._examples(worker, num_workers):
             name = example["audio"] if isinstance(example["audio"], str) else (example["audio"] or {}).get("path")
             try:
-                if isinstance(example["audio"], str) and example.get("channel") is None:
-                    crop, length = load_audio_window(example["audio"], self.max_samples, rng)  # decodes the window
-                else:
-                    audio = load_audio_example(example, "audio", channel=example.get("channel"))
-                    crop, length = random_crop(audio, self.max_samples, rng), len(audio)
+                audio = load_audio_example(example, "audio", channel=example.get("channel"))
+                crop, length = random_crop(audio, self.max_samples, rng), len(audio)
             except AudioError as err:
                 self._skip(stats, name, str(err))
                 continue

@@ -1,5 +1,4 @@
 import logging
-import random
 import shutil
 
 import numpy as np
@@ -8,7 +7,7 @@ import soundfile as sf
 import torch
 from conftest import DEMO, demo_unlabeled_paths
 
-from data2vec_aqc_hf.audio import AudioError, load_audio, load_audio_window
+from data2vec_aqc_hf.audio import AudioError, load_audio
 from data2vec_aqc_hf.data import (
     DataStats,
     NoUsableAudioError,
@@ -18,7 +17,6 @@ from data2vec_aqc_hf.data import (
     iterate_batches,
     load_hub_audio,
     local_items,
-    random_crop,
 )
 
 
@@ -90,19 +88,6 @@ def _stream(items, **kw):
 def _batches(stream_or_loader, stats=None):
     """The stream's batches (its per-batch `data_stats` summed into `stats`)."""
     return list(iterate_batches(stream_or_loader, stats if stats is not None else DataStats()))
-
-
-@pytest.mark.parametrize("max_samples", [3000, 16000, 64000, 10**7])
-def test_window_decoding_gives_the_crop_of_the_whole_file(max_samples):
-    """The pretraining stream decodes only the crop of a 16 kHz file: the same samples as decoding the whole file
-    and cropping it with the same rng (8 kHz files decode whole, then resample and crop), and the full length."""
-    paths = demo_unlabeled_paths()[:4] + [DEMO / "audio/fsdd/jackson/0_jackson_0.flac"]
-    for path in paths:
-        window, length = load_audio_window(path, max_samples, random.Random(f"{path}"))
-        whole = load_audio(path)
-        assert length == len(whole)
-        np.testing.assert_array_equal(window, random_crop(whole, max_samples, random.Random(f"{path}")))
-        assert len(window) == min(max_samples, len(whole))
 
 
 def test_batches_bounded_by_total_samples_and_crops():
