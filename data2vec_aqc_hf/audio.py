@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 
 import numpy as np
 import soundfile as sf
@@ -93,6 +94,42 @@ def load_audio(
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioError(f"{name}: cannot decode audio ({err})") from err
     return prepare_audio(data, sr, name, target_sr, min_samples, channel)
+
+
+def load_audio_crop(path: str | os.PathLike, max_samples: int, rng: random.Random,
+                    target_sr: int = TARGET_SAMPLING_RATE) -> tuple[np.ndarray, int]:
+    """`(crop, length)`: a uniformly placed window of at most `max_samples` of the file's audio at `target_sr`, and the
+    whole file's length there; exactly `data.random_crop(load_audio(path), max_samples, rng)` and
+    `len(load_audio(path))` (the same rng draw, the same samples, the same errors), decoding less where it can.
+
+    A mono file at `target_sr` with integer samples (FLAC, PCM WAV: they cannot hold NaN) that is longer than the
+    window decodes only the window. The whole-file checks still hold: a crop that is not constant proves the file is
+    neither constant nor silent; a constant crop decodes the whole file, which then fails with the file-level
+    message (a constant offset, all zeros) or gives the same crop, which the caller skips as a silent crop."""
+    name = str(path)
+    if not os.path.exists(path):
+        raise AudioError(f"{name}: file not found")
+    try:
+        with sf.SoundFile(path) as f:
+            frames = f.frames
+            if (f.samplerate == target_sr and f.channels == 1 and f.subtype.startswith("PCM_")
+                    and frames > max_samples):
+                start = rng.randrange(0, frames - max_samples + 1)  # random_crop's draw
+                f.seek(start)
+                crop = f.read(max_samples, dtype="float32")
+                if len(crop) == max_samples and np.ptp(crop):
+                    return crop, frames
+                f.seek(0)
+            else:
+                start = None
+            audio = prepare_audio(f.read(dtype="float32", always_2d=True), f.samplerate, name, target_sr)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioError(f"{name}: cannot decode audio ({err})") from err
+    if len(audio) <= max_samples:
+        return audio, len(audio)
+    if start is None:
+        start = rng.randrange(0, len(audio) - max_samples + 1)
+    return audio[start : start + max_samples], len(audio)
 
 
 def load_audio_example(example: dict, audio_column: str = "audio", target_sr: int = TARGET_SAMPLING_RATE,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example, resampled_length
+from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_crop, load_audio_example, resampled_length
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +292,11 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         for position, example, rng in self._examples(worker, num_workers):
             name = example["audio"] if isinstance(example["audio"], str) else (example["audio"] or {}).get("path")
             try:
-                audio = load_audio_example(example, "audio", channel=example.get("channel"))
-                crop, length = random_crop(audio, self.max_samples, rng), len(audio)
+                if isinstance(example["audio"], str) and example.get("channel") is None:  # a local file
+                    crop, length = load_audio_crop(example["audio"], self.max_samples, rng)
+                else:
+                    audio = load_audio_example(example, "audio", channel=example.get("channel"))
+                    crop, length = random_crop(audio, self.max_samples, rng), len(audio)
             except AudioError as err:
                 self._skip(stats, name, str(err))
                 continue

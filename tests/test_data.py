@@ -1,4 +1,5 @@
 import logging
+import random
 import shutil
 
 import numpy as np
@@ -7,7 +8,7 @@ import soundfile as sf
 import torch
 from conftest import DEMO, demo_unlabeled_paths
 
-from data2vec_aqc_hf.audio import AudioError, load_audio
+from data2vec_aqc_hf.audio import AudioError, load_audio, load_audio_crop
 from data2vec_aqc_hf.data import (
     DataStats,
     NoUsableAudioError,
@@ -17,6 +18,7 @@ from data2vec_aqc_hf.data import (
     iterate_batches,
     load_hub_audio,
     local_items,
+    random_crop,
 )
 
 
@@ -88,6 +90,30 @@ def _stream(items, **kw):
 def _batches(stream_or_loader, stats=None):
     """The stream's batches (its per-batch `data_stats` summed into `stats`)."""
     return list(iterate_batches(stream_or_loader, stats if stats is not None else DataStats()))
+
+
+@pytest.mark.parametrize("max_samples", [3000, 16000, 64000, 10**7])
+def test_crop_decoding_gives_the_crop_of_the_whole_file(tmp_path, max_samples):
+    """The pretraining stream decodes only the crop of a 16 kHz integer-sample file: the same samples and length as
+    decoding the whole file and cropping it with the same rng; 8 kHz, float and two-channel files decode whole. A
+    crop that falls on digital silence decodes the file whole (so a silent file still fails as a file), and gives
+    the same silent crop for a file that is not silent."""
+    rate = 16000
+    silent_middle = np.concatenate([np.sin(np.arange(rate)), np.zeros(3 * rate), np.sin(np.arange(rate))])
+    sf.write(tmp_path / "float.wav", 0.1 * np.sin(np.arange(3 * rate) / 7), rate, subtype="FLOAT")
+    sf.write(tmp_path / "stereo.flac", 0.1 * np.random.default_rng(0).standard_normal((2 * rate, 2)), rate)
+    sf.write(tmp_path / "silent_middle.flac", 0.2 * silent_middle, rate)
+    paths = (demo_unlabeled_paths()[:3] + [DEMO / "audio/fsdd/jackson/0_jackson_0.flac"]
+             + sorted(tmp_path.glob("*.*")))
+    for path in paths:
+        for draw in range(3):
+            crop, length = load_audio_crop(path, max_samples, random.Random(f"{path}{draw}"))
+            whole = load_audio(path)
+            assert length == len(whole), path
+            np.testing.assert_array_equal(crop, random_crop(whole, max_samples, random.Random(f"{path}{draw}")))
+    sf.write(tmp_path / "zeros.flac", np.zeros(3 * rate), rate)
+    with pytest.raises(AudioError, match=r"zeros\.flac: the audio is silent \(all samples are zero\)"):
+        load_audio_crop(tmp_path / "zeros.flac", 3000, random.Random(0))
 
 
 def test_batches_bounded_by_total_samples_and_crops():
