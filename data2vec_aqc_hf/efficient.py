@@ -39,8 +39,10 @@ from transformers.masking_utils import create_bidirectional_mask
 from .contrastive import (
     cluster_views,
     contrastive_loss_sum,
+    cosine_matrix,
     feature_penalty,
     initial_centroid_rows,
+    logits_from_similarity,
     num_clusters_for,
     pooled_frame_weights,
     weighted_aqc_terms,
@@ -52,8 +54,6 @@ __all__ = [
     "ConvDecoder",
     "EfficientStepRandomness",
     "blocks_kept",
-    "clone_contrastive_logits",
-    "cosine_matrix",
     "efficient_aqc_losses",
     "efficient_pretraining_forward",
     "encode_kept_frames",
@@ -322,43 +322,6 @@ def efficient_pretraining_forward(
     return out
 
 
-@profiled("contrastive")
-def cosine_matrix(anchors: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Cosine similarity of every anchor with every target, `(n, a, d) x (n, t, d) -> (n, a, t)` in fp32:
-    `x . y / max(|x| |y|, eps)`, as `F.cosine_similarity`."""
-    anchors, targets = anchors.float(), targets.float()
-    norms = anchors.norm(dim=-1)[:, :, None] * targets.norm(dim=-1)[:, None, :]
-    return (anchors @ targets.transpose(1, 2)) / norms.clamp(min=eps)
-
-
-@profiled("contrastive")
-def clone_contrastive_logits(
-    similarity: torch.Tensor,
-    negative_indices: torch.LongTensor,
-    equal_targets: torch.BoolTensor,
-    cluster_labels: torch.LongTensor | None = None,
-    cluster_scale: float = 1.0,
-) -> torch.Tensor:
-    """`contrastive_logits` (same values up to float rounding, same rules) read from a similarity matrix: logits
-    `(clones, frames, 1 + K)` with the positive `similarity[r, t, t]` at index 0 and the negatives
-    `similarity[r, t, negative_indices[r, t]]`.
-
-    similarity: `(clones, frames, frames)` cosine / kappa of clone r's anchor at frame t with its target at frame s.
-    negative_indices: `(clones, frames, K)` time indices of the negatives within the clone's own row.
-    equal_targets: `(clones, frames, frames)` whether the targets at t and s are the same vector (its negative logit
-        is -inf).
-    cluster_labels: `(clones, frames)` k-means labels of the targets; a negative in its positive's cluster has its
-        logit multiplied by `cluster_scale` (see `contrastive_logits` for why that can raise it)."""
-    positive = similarity.diagonal(dim1=1, dim2=2)[..., None]
-    negatives = similarity.gather(2, negative_indices)
-    if cluster_labels is not None:
-        clones, frames, count = negative_indices.shape
-        negative_labels = cluster_labels.gather(1, negative_indices.reshape(clones, -1)).view(clones, frames, count)
-        negatives = torch.where(negative_labels == cluster_labels[..., None], negatives * cluster_scale, negatives)
-    negatives = negatives.masked_fill(equal_targets.gather(2, negative_indices), float("-inf"))
-    return torch.cat([positive, negatives], dim=-1)
-
-
 def efficient_aqc_losses(model, out, clean_features, clean_norm, student_norm, prediction, targets, mask, frame_valid,
                          sampled_negative_indices, cluster_labels, deterministic_quantizer, generator, denominator,
                          gumbel_uniform=None, kmeans_init=None) -> torch.Tensor:
@@ -405,10 +368,10 @@ def efficient_aqc_losses(model, out, clean_features, clean_norm, student_norm, p
     with torch.no_grad():
         equal_clean = per_clone((quantized_clean[:, :, None] == quantized_clean[:, None]).all(-1))
         equal_aug = per_clone((quantized_aug[:, :, None] == quantized_aug[:, None]).all(-1))
-    logits_s = clone_contrastive_logits(similarity_s, negative_times[0], equal_clean, per_clone(cluster_labels[0]),
-                                        cluster_scale)
-    logits_t = clone_contrastive_logits(similarity_t, negative_times[1], equal_aug, per_clone(cluster_labels[1]),
-                                        cluster_scale)
+    logits_s = logits_from_similarity(similarity_s, negative_times[0], equal_clean.gather(2, negative_times[0]),
+                                      per_clone(cluster_labels[0]), cluster_scale)
+    logits_t = logits_from_similarity(similarity_t, negative_times[1], equal_aug.gather(2, negative_times[1]),
+                                      per_clone(cluster_labels[1]), cluster_scale)
     student_sum = contrastive_loss_sum(logits_s, mask)
     teacher_sum = contrastive_loss_sum(logits_t, mask)
 

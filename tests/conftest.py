@@ -93,3 +93,21 @@ def run_without_package(code: str, cwd):
                                             "HF_MODULES_CACHE": str(cwd / "modules")})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def gathered_contrastive_logits(anchors, targets, negative_indices, kappa, cluster_labels=None, cluster_scale=1.0):
+    """The reference form of `contrastive.contrastive_logits` (as the authors' and transformers' code computes it):
+    gather the K negative vectors of every frame, cosine with the anchor. The library reads the same values from one
+    frames x frames cosine matrix per utterance; tests compare the two."""
+    import torch.nn.functional as F
+
+    batch, frames, dim = targets.shape
+    negatives = targets.reshape(batch * frames, dim)[negative_indices]  # (B, T, K, D)
+    candidates = torch.cat([targets[:, :, None], negatives], dim=2)
+    logits = F.cosine_similarity(anchors[:, :, None].float(), candidates.float(), dim=-1, eps=1e-8) / kappa
+    neg_logits = logits[..., 1:]
+    if cluster_labels is not None:
+        same_cluster = cluster_labels.reshape(-1)[negative_indices] == cluster_labels[:, :, None]
+        neg_logits = torch.where(same_cluster, neg_logits * cluster_scale, neg_logits)
+    neg_logits = neg_logits.masked_fill((negatives == targets[:, :, None]).all(-1), float("-inf"))
+    return torch.cat([logits[..., :1], neg_logits], dim=-1)

@@ -1,5 +1,6 @@
 import torch
 import torch.nn.functional as F
+from conftest import gathered_contrastive_logits
 
 from data2vec_aqc_hf.contrastive import (
     cluster_views,
@@ -8,6 +9,7 @@ from data2vec_aqc_hf.contrastive import (
     num_clusters_for,
     spherical_kmeans,
 )
+from data2vec_aqc_hf.masking import sample_negative_indices
 
 
 def _setup():
@@ -84,3 +86,30 @@ def test_cluster_views_pools_views_and_uses_k_from_frames():
     q[1] = q[0]
     labels = cluster_views(q, mask, 16, 5, torch.Generator().manual_seed(3))
     assert torch.equal(labels[0], labels[1])
+
+
+def test_logits_from_the_cosine_matrix_equal_the_gathered_reference_values_and_gradients():
+    """The optimised path (one frames x frames matrix per utterance) against the reference's gather of K negative
+    vectors per frame: same logits (same -inf entries), same gradients for anchors and targets, 3 utterances with
+    repeated codes, clustering on, 100 negatives among the masked frames as the model draws them."""
+    g = torch.Generator().manual_seed(0)
+    batch, frames, dim = 3, 40, 16
+    targets = torch.randn(batch, frames, dim, generator=g)
+    targets[:, 7] = targets[:, 3]  # repeated codes: -inf negatives
+    targets[1, 20:25] = targets[1, 19]
+    anchors = torch.randn(batch, frames, dim, generator=g)
+    mask = torch.rand(batch, frames, generator=g) < 0.5
+    negatives = sample_negative_indices(mask, 100, g)
+    labels = torch.randint(0, 4, (batch, frames), generator=g)
+    grads = []
+    for fn in (contrastive_logits, gathered_contrastive_logits):
+        a, t = anchors.clone().requires_grad_(), targets.clone().requires_grad_()
+        logits = fn(a, t, negatives, 0.1, labels, 0.3)
+        contrastive_loss_sum(logits, mask).backward()
+        grads.append((logits.detach(), a.grad, t.grad))
+    (got, got_a, got_t), (want, want_a, want_t) = grads
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(want).any()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got_a, want_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_t, want_t, atol=1e-5, rtol=1e-4)

@@ -7,17 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEMO, real_speech_batch, tiny_config
+from conftest import DEMO, gathered_contrastive_logits, real_speech_batch, tiny_config
 
 from data2vec_aqc_hf import Data2VecAQCForPreTraining
 from data2vec_aqc_hf.augment import normalize_waveform
 from data2vec_aqc_hf.configuration_data2vec_aqc import AQC_ONLY_FIELDS, Data2VecAQCConfig
-from data2vec_aqc_hf.contrastive import contrastive_logits
+from data2vec_aqc_hf.contrastive import cosine_matrix, logits_from_similarity
 from data2vec_aqc_hf.efficient import (
     ConvDecoder,
     blocks_kept,
-    clone_contrastive_logits,
-    cosine_matrix,
     encode_kept_frames,
     inverse_block_mask,
     kept_frames_budget,
@@ -334,11 +332,11 @@ def test_clone_logits_from_the_similarity_matrix_equal_the_gathered_contrastive_
     negatives = sample_negative_indices(mask, 4, g)
     labels = torch.randint(0, 3, (batch, frames), generator=g)
     repeated = codes.repeat_interleave(clones, 0)
-    want = contrastive_logits(anchors, repeated, negatives, 0.1, labels.repeat_interleave(clones, 0), 0.3)
+    want = gathered_contrastive_logits(anchors, repeated, negatives, 0.1, labels.repeat_interleave(clones, 0), 0.3)
     similarity = cosine_matrix(anchors.view(batch, clones * frames, dim), codes).view(-1, frames, frames) / 0.1
     times = negatives - (torch.arange(batch * clones) * frames)[:, None, None]
-    equal = (repeated[:, :, None] == repeated[:, None]).all(-1)
-    got = clone_contrastive_logits(similarity, times, equal, labels.repeat_interleave(clones, 0), 0.3)
+    equal = (repeated[:, :, None] == repeated[:, None]).all(-1).gather(2, times)
+    got = logits_from_similarity(similarity, times, equal, labels.repeat_interleave(clones, 0), 0.3)
     assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(want).any()
     finite = torch.isfinite(want)
     assert torch.allclose(got[finite], want[finite], atol=1e-5)
