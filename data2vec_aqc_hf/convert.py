@@ -468,11 +468,12 @@ def card_text(summary: dict, repo_id: str | None) -> str:
         pipeline_tag="automatic-speech-recognition" if summary["kind"] == "finetuned" else "feature-extraction"))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="data2vec-aqc-convert",
         description="Convert a fairseq data2vec-aqc / data2vec checkpoint (pretraining or wav2vec_ctc fine-tuned) "
-                    "to a transformers model folder, without fairseq.")
+                    "to a transformers model folder, without fairseq.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="the fairseq .pt file")
     parser.add_argument("output_dir", help="folder to write the transformers model (and processor) to")
     parser.add_argument("--dict", dest="dict_path", default=None,
@@ -484,7 +485,11 @@ def main(argv=None) -> int:
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
                         help="also upload the folder, with a model card, to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private (with --push_to_hub)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         summary = convert_checkpoint(args.checkpoint, args.output_dir, args.dict_path, args.trust_pickle)
     except FairseqCheckpointError as error:

@@ -93,18 +93,21 @@ class ExperimentArguments:
     pretrain_on_test_speaker_audio: bool = field(default=True, metadata={
         "help": "Pretrain on the unlabelled audio of all four speakers (one pretraining per objective); false: one "
                 "pretraining per fold without the test speaker's audio (4x the pretraining time)."})
-    pretrain_steps: int = 600
-    pretrain_learning_rate: float = 1e-3
+    pretrain_steps: int = field(default=600, metadata={"help": "Pretraining updates per objective (x --scale)."})
+    pretrain_learning_rate: float = field(default=1e-3, metadata={
+        "help": "Peak pretraining learning rate (paper, base model: 5e-4)."})
     pretrain_warmup_ratio: float = field(default=0.2, metadata={
         "help": "Share of the pretraining run warming up (then hold, 7 %% decay). Measured (docs/LEARNING_NOTES.md): "
                 "with the paper's 3 %% a short run came out with layers that held less of the spoken digit than a "
                 "random init (linear probe 12-20 vs 25 %%); with 20 %% about as much (22-26 %%)."})
     pretrain_batch_seconds: float = field(default=8.0, metadata={"help": "Padded audio per pretraining batch."})
     pretrain_max_seconds: float = field(default=4.0, metadata={"help": "Longer pretraining clips are cropped."})
-    finetune_steps_low: int = 800
-    finetune_steps_full: int = 1200
-    finetune_learning_rate: float = 1e-3
-    finetune_batch_size: int = 16
+    finetune_steps_low: int = field(default=800, metadata={
+        "help": "CTC updates on the low-resource labelled set (x --scale)."})
+    finetune_steps_full: int = field(default=1200, metadata={
+        "help": "CTC updates on the full labelled set (x --scale)."})
+    finetune_learning_rate: float = field(default=1e-3, metadata={"help": "Peak fine-tuning learning rate."})
+    finetune_batch_size: int = field(default=16, metadata={"help": "Labelled clips per fine-tuning update."})
     sanity_steps: int = field(default=3000, metadata={
         "help": "Also fine-tune from scratch on all three training speakers of the last fold this long and report "
                 "WER on all their training utterances (the recipe can fit its data); 0 skips it. Measured "
@@ -114,8 +117,10 @@ class ExperimentArguments:
     freeze_transformer_steps: int = field(default=0, metadata={
         "help": "Train only the CNN and lm_head for the first updates of every fine-tuning (fairseq's "
                 "freeze_finetune_updates; the paper freezes half the run)."})
-    mask_time_prob: float = 0.05
-    mask_time_length: int = 4
+    mask_time_prob: float = field(default=0.05, metadata={
+        "help": "Fine-tuning time masking: about this share of frames masked, in spans of --mask_time_length "
+                "(no forced spans: a spoken digit is 10-60 frames)."})
+    mask_time_length: int = field(default=4, metadata={"help": "Fine-tuning time-mask span, in frames."})
     speed_perturbation: float = field(default=0.15, metadata={
         "help": "Fine-tuning clips play at a random speed in [1 - s, 1 + s] (0: off); test audio is never changed."})
     jobs: int = field(default=2, metadata={

@@ -165,16 +165,24 @@ class LMTranscriber:
         return [self({"raw": a, "sampling_rate": TARGET_SAMPLING_RATE})["text"] for a in arrays]
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data2vec_aqc_hf.lm",
+                                     description="Build a word bigram ARPA language model from transcripts.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("texts", help="a text file, one sentence per line")
+    parser.add_argument("output", help="the .arpa file to write")
+    parser.add_argument("--discount", type=float, default=0.5,
+                        help="absolute discount of the bigram counts, in (0, 1) (interpolated absolute "
+                             "discounting: the mass taken goes to the unigrams)")
+    parser.add_argument("--no_normalize", action="store_true",
+                        help="keep the text as is (default: the fine-tuning normalisation, upper case)")
+    return parser
+
+
 def main(argv=None) -> None:
     from .finetuning import normalize_text
 
-    parser = argparse.ArgumentParser(description="Build a word bigram ARPA language model from transcripts.")
-    parser.add_argument("texts", help="a text file, one sentence per line")
-    parser.add_argument("output", help="the .arpa file to write")
-    parser.add_argument("--discount", type=float, default=0.5)
-    parser.add_argument("--no_normalize", action="store_true",
-                        help="keep the text as is (default: the fine-tuning normalisation, upper case)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     lines = Path(args.texts).read_text(encoding="utf-8").splitlines()
     texts = lines if args.no_normalize else [normalize_text(t) for t in lines]
     print(write_bigram_arpa(texts, args.output, args.discount))

@@ -89,24 +89,39 @@ def transcribe_files(asr, files: list[Path], chunk_length_s: float = 20.0, strid
             print(f"WARNING {path}: {seconds:.2f} s is very short (< {MIN_SECONDS} s); the transcript is unreliable",
                   file=sys.stderr)
         kwargs = dict(chunk_length_s=chunk_length_s, stride_length_s=stride_length_s) if seconds > chunk_length_s else {}
-        text = asr({"raw": audio, "sampling_rate": TARGET_SAMPLING_RATE}, **kwargs)["text"]
+        try:
+            text = asr({"raw": audio, "sampling_rate": TARGET_SAMPLING_RATE}, **kwargs)["text"]
+        except ValueError as err:  # e.g. a clip shorter than the CNN's receptive field: this file fails, not the run
+            yield path, None, f"{path}: {err}"
+            continue
         yield path, text, None
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Transcribe audio files with a data2vec-aqc CTC model.")
-    parser.add_argument("model", help="model directory or Hub id")
-    parser.add_argument("inputs", nargs="+", help="audio files or directories")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data2vec-aqc-transcribe",
+                                     description="Transcribe audio files with a data2vec-aqc CTC model.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", help="model directory or Hub id (a fine-tuned CTC model)")
+    parser.add_argument("inputs", nargs="+", help="audio files or directories (any format libsndfile reads)")
     parser.add_argument("--output", help="write JSON lines {file, text} here instead of printing")
-    parser.add_argument("--chunk_length_s", type=float, default=20.0)
-    parser.add_argument("--stride_length_s", type=float, default=4.0)
-    parser.add_argument("--device", default=-1)
+    parser.add_argument("--chunk_length_s", type=float, default=20.0,
+                        help="audio longer than this is transcribed in chunks of this length")
+    parser.add_argument("--stride_length_s", type=float, default=4.0,
+                        help="overlap of neighbouring chunks (each side), whose logits are dropped")
+    parser.add_argument("--device", default=-1, help="-1 for CPU, N for cuda:N, or a torch device string")
     parser.add_argument("--lm", help="KenLM .arpa/.bin for beam search with pyctcdecode (extra `[lm]`); build a "
                         "bigram from transcripts with `python -m data2vec_aqc_hf.lm texts.txt lm.arpa`")
-    parser.add_argument("--lm_alpha", type=float, default=0.5, help="LM weight")
-    parser.add_argument("--lm_beta", type=float, default=1.0, help="word insertion bonus")
-    parser.add_argument("--beam_width", type=int, default=100)
-    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--lm_alpha", type=float, default=0.5, help="LM weight (with --lm)")
+    parser.add_argument("--lm_beta", type=float, default=1.0, help="word insertion bonus (with --lm)")
+    parser.add_argument("--beam_width", type=int, default=100, help="beam width of the LM search (with --lm)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run a Hub model's own code (our checkpoints load without it when this package is "
+                             "installed)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         files = audio_files(args.inputs, report=lambda message: print(f"WARNING {message}", file=sys.stderr))

@@ -201,7 +201,8 @@ def test_finetune_logs_to_tensorboard_by_default():
 
 def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
     """Missing input: exit 2 before a model is loaded; some files failing: exit 1 with a count; a pretraining
-    checkpoint: told to fine-tune first; non-audio files in a folder: said, not silent; a very short clip: warned."""
+    checkpoint: told to fine-tune first; non-audio files in a folder: said, not silent; a very short clip: warned;
+    a clip shorter than the CNN's receptive field: that file fails with the reason, the rest are transcribed."""
     import soundfile as sf
 
     from data2vec_aqc_hf import Data2VecAQCForPreTraining
@@ -215,11 +216,15 @@ def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
     folder.mkdir()
     sf.write(folder / "ok.wav", np.sin(np.arange(16000) / 5.0).astype(np.float32) * 0.3, 16000)
     sf.write(folder / "short.wav", np.sin(np.arange(2000) / 5.0).astype(np.float32) * 0.3, 16000)
+    sf.write(folder / "tiny.wav", np.sin(np.arange(200) / 5.0).astype(np.float32) * 0.3, 16000)  # < 25 ms
     (folder / "broken.wav").write_bytes(b"not audio")
     (folder / "notes.txt").write_text("hello")
     code = main([str(random_ctc_dir), str(folder)])
-    err = capsys.readouterr().err
-    assert code == 1 and "1 of 3 file(s) failed" in err and "broken.wav" in err, err
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 1 and "2 of 4 file(s) failed" in err and "broken.wav" in err, err
+    assert "tiny.wav: " in err and "receptive field" in err, err  # that file fails, the others are transcribed
+    assert "ok.wav\t" in captured.out and "short.wav\t" in captured.out, captured.out
     assert "skipping 1 file(s) that are not audio (notes.txt)" in err and "short.wav: 0.12 s is very short" in err
 
     Data2VecAQCForPreTraining(tiny_config()).save_pretrained(tmp_path / "pre")
