@@ -95,3 +95,32 @@ def test_every_flag_of_ours_in_the_training_scripts_has_help():
     for cls in (PretrainingArguments, FinetuneArguments, ExperimentArguments):
         missing = [f.name for f in dataclasses.fields(cls) if f.init and not f.metadata.get("help")]
         assert not missing, f"{cls.__name__}: no help for {missing}"
+
+
+def test_a_built_wheel_carries_the_card_templates(tmp_path):
+    """A non-editable install must find the model-card templates (they live in model_cards/, outside the package
+    folder): the wheel holds them as data2vec_aqc_hf/model_card_templates/, and cards.find_template reads them
+    from an unpacked copy of the wheel where the repository is not beside it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    source = tmp_path / "source"  # a copy: the build writes build/ and egg-info next to setup.cfg
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "build", "*.egg-info",
+                                                                "__pycache__", "data", "docs", "tests"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                            "-w", str(tmp_path / "wheel")], capture_output=True, text=True, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    templates = sorted(p.name for p in (ROOT / "model_cards").glob("*.md"))
+    assert templates and sorted(p.name for p in (tmp_path / "site/data2vec_aqc_hf/model_card_templates").glob("*.md")) \
+        == templates
+    code = ("import data2vec_aqc_hf.cards as c, pathlib; p = c.find_template('finetuned.md'); "
+            "assert 'model_card_templates' in str(p) and p.read_text().strip(), p; print(p)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert run.returncode == 0, run.stderr[-3000:]
