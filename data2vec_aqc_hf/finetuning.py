@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCTC,
     Trainer,
@@ -350,7 +351,17 @@ def masked_time_fraction(config, frame_counts: list[int], seed: int = 0) -> floa
     return float(mask.sum() / counts.sum())
 
 
-def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: int = 8) -> list[str]:
+PROGRESS_MIN_CLIPS = 64  # fewer clips than this: no progress bar
+
+
+def evaluation_progress(total: int, desc: str):
+    """The progress bar of an evaluation or transcription loop over `total` clips (stderr, with the time left);
+    none for a handful of clips."""
+    return tqdm(total=total, desc=desc, unit="clip", disable=total < PROGRESS_MIN_CLIPS, mininterval=2.0)
+
+
+def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: int = 8,
+                      desc: str = "transcribing (greedy)") -> list[str]:
     """Greedy CTC transcripts of 16 kHz arrays, in their order. Batches are formed from length-sorted arrays:
     data2vec-audio's stacked positional convolutions carry padding into the valid frames (each layer after the
     first reads the previous layer's non-zero outputs at padded positions), so less padding means transcripts
@@ -358,17 +369,23 @@ def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: in
     model.eval()
     order = sorted(range(len(arrays)), key=lambda i: len(arrays[i]))
     out: list[str | None] = [None] * len(arrays)
-    for start in range(0, len(order), batch_size):
-        ids = order[start : start + batch_size]
-        batch = processor.feature_extractor([arrays[i] for i in ids], sampling_rate=TARGET_SAMPLING_RATE,
-                                            padding=True, return_attention_mask=True, return_tensors="pt")
-        with torch.no_grad():
-            logits = model(batch["input_values"].float().to(model.device),
-                           attention_mask=batch["attention_mask"].to(model.device)).logits
-        lengths = valid_frame_lengths(model, batch["attention_mask"], logits.shape[1], logits.shape[0])
-        for i, text in zip(ids, decode_predictions(processor, logits.float().cpu().numpy(), lengths)):
-            out[i] = text
+    with evaluation_progress(len(arrays), desc) as progress:
+        for start in range(0, len(order), batch_size):
+            _transcribe_batch(model, processor, arrays, order[start : start + batch_size], out)
+            progress.update(len(order[start : start + batch_size]))
     return out
+
+
+def _transcribe_batch(model, processor, arrays, ids, out):
+    """Greedy transcripts of `arrays[i]` for `i` in `ids`, written to `out[i]` (each clip's own frames only)."""
+    batch = processor.feature_extractor([arrays[i] for i in ids], sampling_rate=TARGET_SAMPLING_RATE,
+                                        padding=True, return_attention_mask=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(batch["input_values"].float().to(model.device),
+                       attention_mask=batch["attention_mask"].to(model.device)).logits
+    lengths = valid_frame_lengths(model, batch["attention_mask"], logits.shape[1], logits.shape[0])
+    for i, text in zip(ids, decode_predictions(processor, logits.float().cpu().numpy(), lengths)):
+        out[i] = text
 
 
 def babble_noise(length: int, bank: list[np.ndarray], talkers: int = 4, generator: torch.Generator | None = None

@@ -162,7 +162,14 @@ class LMTranscriber:
 
     def transcribe_arrays(self, arrays: list[np.ndarray]) -> list[str]:
         """Texts of 16 kHz arrays, one by one (the `transcribe` argument of `finetuning.evaluate_rows`)."""
-        return [self({"raw": a, "sampling_rate": TARGET_SAMPLING_RATE})["text"] for a in arrays]
+        from .finetuning import evaluation_progress
+
+        texts = []
+        with evaluation_progress(len(arrays), "transcribing (KenLM beam search)") as progress:
+            for a in arrays:
+                texts.append(self({"raw": a, "sampling_rate": TARGET_SAMPLING_RATE})["text"])
+                progress.update(1)
+        return texts
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,9 +137,13 @@ def main(argv=None) -> int:
                              args.beam_width)
     except (OSError, ImportError) as err:  # a missing model, LM file or optional extra: one clear line
         parser.error(str(err))
+    from .finetuning import evaluation_progress
+
     out = open(args.output, "w") if args.output else None
     failures = 0
+    progress = evaluation_progress(len(files) if out else 0, f"transcribing to {args.output}")  # else: one line each
     for path, text, error in transcribe_files(asr, files, args.chunk_length_s, args.stride_length_s):
+        progress.update(1)
         if error:
             failures += 1
             print(f"ERROR {error}", file=sys.stderr)
@@ -147,6 +151,7 @@ def main(argv=None) -> int:
             out.write(json.dumps({"file": str(path), "text": text}) + "\n")
         else:
             print(f"{path}\t{text}")
+    progress.close()
     if out:
         out.close()
     if failures:

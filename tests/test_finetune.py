@@ -262,3 +262,19 @@ def test_model_card_example_runs_in_plain_transformers_on_8khz_audio(tmp_path, r
     shutil.copy(clip, tmp_path / "speech.flac")
     out = run_without_package(block, tmp_path)
     assert out.strip() and "Traceback" not in out
+
+
+def test_evaluation_shows_a_progress_bar_with_the_time_left(random_ctc_dir, capsys):
+    """Evaluating or transcribing many clips shows a bar on stderr (clips done, time left); a handful show none."""
+    from transformers import AutoModelForCTC, AutoProcessor
+
+    from data2vec_aqc_hf.finetuning import PROGRESS_MIN_CLIPS, transcribe_arrays
+
+    model, processor = AutoModelForCTC.from_pretrained(random_ctc_dir), AutoProcessor.from_pretrained(random_ctc_dir)
+    clips = [np.random.default_rng(i).standard_normal(1600).astype(np.float32) for i in range(PROGRESS_MIN_CLIPS)]
+    texts = transcribe_arrays(model, processor, clips, batch_size=16)
+    err = capsys.readouterr().err
+    assert len(texts) == len(clips) and "transcribing (greedy)" in err and f"{len(clips)}/{len(clips)}" in err, err
+    assert "<" in err  # tqdm's elapsed<left
+    transcribe_arrays(model, processor, clips[:4])
+    assert "transcribing" not in capsys.readouterr().err
