@@ -29,3 +29,9 @@ def write_card(directory: str | Path, template_name: str, values: dict) -> Path:
     path = Path(directory) / "README.md"
     path.write_text(render_card(template_name, values))
     return path
+
+
+def datasets_line(dataset_id: str | None) -> str:
+    """The card metadata's `datasets:` entry for a Hub dataset id; nothing for local data (the Hub would link a
+    made-up name such as `custom` to a dataset page that does not exist)."""
+    return f"datasets:\n- {dataset_id}\n" if dataset_id else ""

@@ -2,7 +2,7 @@
 
 `Data2VecAQCConfig` extends transformers' `Data2VecAudioConfig`: every backbone field keeps its stock name and
 meaning, so the student backbone is weight-compatible with `Data2VecAudioModel`, and the objective adds the
-fields below. Defaults are the paper's base setting (Lodagala, Ghosh and Umesh, SLT 2022; data2vec, Baevski et
+fields below. Defaults are the paper's base setting (Lodagala, Ghosh and Umesh, ICASSP 2023; data2vec, Baevski et
 al. 2022). Fields marked **(choice)** are details the papers leave open; the default is ours and documented.
 """
 

@@ -453,13 +453,21 @@ def card_text(summary: dict, repo_id: str | None) -> str:
 
     title, url, wer = KNOWN_CHECKPOINTS.get(summary["source"], (f"fairseq checkpoint {summary['source']}", None, None))
     source = f"[`{summary['source']}`]({url})" if url else f"`{summary['source']}`"
+    model_id = repo_id or "path/to/converted"
     if summary["kind"] == "finetuned":
-        usage = ("from transformers import AutoModelForCTC, AutoProcessor\n"
-                 f"model = AutoModelForCTC.from_pretrained(\"{repo_id or 'path/to/converted'}\")\n"
-                 f"processor = AutoProcessor.from_pretrained(\"{repo_id or 'path/to/converted'}\")")
+        usage = ("import soundfile as sf\n"
+                 "import torch\n"
+                 "from transformers import AutoModelForCTC, AutoProcessor\n\n"
+                 f"model = AutoModelForCTC.from_pretrained(\"{model_id}\")\n"
+                 f"processor = AutoProcessor.from_pretrained(\"{model_id}\")\n"
+                 "audio, rate = sf.read(\"speech.flac\", dtype=\"float32\")  # 16 kHz mono (resample other rates first)\n"
+                 "inputs = processor(audio, sampling_rate=16000, return_tensors=\"pt\")\n"
+                 "with torch.no_grad():\n"
+                 "    ids = model(**inputs).logits.argmax(-1)\n"
+                 "print(processor.batch_decode(ids)[0])")
     else:
-        usage = ("from data2vec_aqc_hf import Data2VecAQCForPreTraining\n"
-                 f"model = Data2VecAQCForPreTraining.from_pretrained(\"{repo_id or 'path/to/converted'}\")")
+        usage = ("from data2vec_aqc_hf import Data2VecAQCForPreTraining  # pip install data2vec_aqc_hf\n\n"
+                 f"model = Data2VecAQCForPreTraining.from_pretrained(\"{model_id}\")  # student, EMA teacher, heads")
     numbers = (f"The authors report {wer[0]} / {wer[1]} % WER on LibriSpeech test-clean / test-other without a "
                f"language model for this checkpoint." if wer else "")
     return render_card("converted.md", dict(
@@ -495,7 +503,7 @@ def main(argv=None) -> int:
     except FairseqCheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    (Path(args.output_dir) / "README.md").write_text(card_text(summary, args.push_to_hub))
+    (Path(args.output_dir) / "README.md").write_text(card_text(summary, args.push_to_hub or args.output_dir))
     print(f"converted {summary['kind']} checkpoint ({summary.get('objective')}, {summary['num_updates']} updates) "
           f"-> {args.output_dir}")
     for note in summary["notes"]:

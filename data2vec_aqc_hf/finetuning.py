@@ -596,7 +596,7 @@ def card_base_model(model_name_or_path: str | None, preset: str | None) -> dict:
         return {"base_model_line": "",
                 "base_model_text": f"a local data2vec-aqc checkpoint (`{Path(model_name_or_path).name}`, not on the Hub)"}
     return {"base_model_line": f"base_model: {model_name_or_path}\n",
-            "base_model_text": f"the data2vec-aqc encoder [`{model_name_or_path}`](https://huggingface.co/{model_name_or_path})"}
+            "base_model_text": f"the pretrained encoder [`{model_name_or_path}`](https://huggingface.co/{model_name_or_path})"}
 
 
 def weights_step(trainer) -> str:
@@ -643,7 +643,7 @@ class NonFiniteWeightsCallback(TrainerCallback):
 
 def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
     """Fine-tune, evaluate, save a stock data2vec-audio checkpoint + processor + card, maybe push. Returns metrics."""
-    from .cards import write_card
+    from .cards import datasets_line, write_card
     from .export import save_as_data2vec_audio
 
     output_dir = Path(training_args.output_dir)
@@ -682,7 +682,8 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
         "model_name": training_args.hub_model_id or final_dir.parent.name,
         **card_base_model(args.model_name_or_path, args.model_preset),
         "weights_step": weights_step(trainer),
-        "dataset_id": args.dataset_name or args.hub_dataset_id_for_card or "custom",
+        "datasets_line": datasets_line(args.dataset_name or args.hub_dataset_id_for_card),
+        "dataset_id": args.dataset_name or args.hub_dataset_id_for_card or "custom",  # model-index needs a type
         "dataset_description": args.dataset_name or args.train_manifest,
         "train_hours": f"{hours_train:.3f}",
         "num_train": len(train_set), "num_eval": len(eval_set),

@@ -726,7 +726,7 @@ def stop_with_checkpoint(accelerator: Accelerator, args: PretrainingArguments, o
 def finish(model, args, summary, history, output_dir: Path, description: str, needed_bytes: int = 0) -> None:
     """Save the final model (safetensors + config + feature extractor + card), plot, push. A failed write (disk
     full) names the path and the space; the checkpoints are kept."""
-    from .cards import write_card
+    from .cards import datasets_line, write_card
 
     with explained_write_errors("the final model", output_dir / "model.safetensors", needed_bytes,
                                 kept=list_checkpoints(output_dir)[-1:]):
@@ -740,10 +740,10 @@ def finish(model, args, summary, history, output_dir: Path, description: str, ne
     write_card(output_dir, "pretrained.md", {
         "model_name": args.hub_model_id or output_dir.name,
         "repo_id": args.hub_model_id or str(output_dir),
-        "dataset_id": args.dataset_name or "custom",
+        "datasets_line": datasets_line(args.dataset_name),
         "dataset_description": description,
         "objective": model.config.objective,
-        "preset": args.model_preset if not args.model_name_or_path else args.model_name_or_path,
+        "init": pretraining_init_text(args.model_name_or_path, args.model_preset),
         "num_parameters": f"{sum(p.numel() for n, p in model.named_parameters() if not n.startswith('teacher.')):,}",
         "steps": summary["steps"],
         "hours_seen": f"{summary['hours_seen']:.3f}",
@@ -756,6 +756,16 @@ def finish(model, args, summary, history, output_dir: Path, description: str, ne
 
         push_folder(output_dir, args.hub_model_id, f"data2vec-aqc pretraining, {summary['steps']} steps",
                     args.hub_private_repo, ignore_patterns=[LOCK_NAME])
+
+
+def pretraining_init_text(model_name_or_path: str | None, preset: str) -> str:
+    """Where a pretraining run started, for its card: the preset, or the checkpoint it continued (a Hub id as is, a
+    local folder by name only: its path means nothing on the Hub)."""
+    if not model_name_or_path:
+        return f"preset `{preset}`, from a random initialisation"
+    if Path(model_name_or_path).exists():
+        return f"continued from a local checkpoint (`{Path(model_name_or_path).name}`)"
+    return f"continued from [`{model_name_or_path}`](https://huggingface.co/{model_name_or_path})"
 
 
 def main(argv=None) -> dict:

@@ -296,3 +296,27 @@ def test_checkpoint_with_an_omegaconf_cfg_loads(tmp_path):
     assert summary["objective"] == "aqc"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["conv_pos_kernel_size"] == 5 and config["num_conv_pos_embeddings"] == 2
+
+
+def test_converted_card_example_runs_as_written_in_plain_transformers(tmp_path):
+    """The converted fine-tuned model's card: its usage block, as written (it names the output folder when nothing
+    is pushed), runs where this package cannot be imported, on a 16 kHz file, and prints the greedy transcript."""
+    import re
+
+    import soundfile as sf
+    from conftest import demo_unlabeled_paths, run_without_package
+    from transformers import AutoModelForCTC, AutoProcessor
+
+    out = tmp_path / "out"
+    assert main([str(FIXTURES / "aqc_tiny_finetuned_ctc.pt"), str(out)]) == 0
+    card = (out / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert str(out) in block and "path/to/converted" not in block
+    audio, rate = sf.read(demo_unlabeled_paths()[0], dtype="float32")
+    assert rate == 16000
+    sf.write(tmp_path / "speech.flac", audio[:32000], rate)
+    printed = run_without_package(block, tmp_path).strip()
+    model, processor = AutoModelForCTC.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+    with torch.no_grad():
+        ids = model(**processor(audio[:32000], sampling_rate=16000, return_tensors="pt")).logits.argmax(-1)
+    assert printed == processor.batch_decode(ids)[0].strip()
