@@ -81,7 +81,10 @@ class PretrainingArguments:
     split_channels: bool = field(default=False, metadata={"help": "Two-channel audio: one example per channel."})
     train_data: str | None = field(default=None, metadata={"help": "Local: audio dir, .csv or fairseq .tsv."})
     noise_dir: str | None = field(default=None, metadata={"help": "Background noise clips (e.g. MUSAN noise)."})
-    min_duration_in_seconds: float = field(default=2.0, metadata={"help": 'Clips shorter than this are skipped and counted (paper: 2 s; spoken digits need ~0.2 s).'})
+    min_duration_in_seconds: float | None = field(default=None, metadata={"help": (
+        "Clips shorter than this are skipped and counted. Default: the shortest clip the model can use, derived from "
+        "its config (CNN receptive field and stride, one mask span of mask_time_length frames plus one frame: "
+        "0.125 s for the small preset, 0.225 s for base). Paper: 2 s (configs/base_librispeech_960h.yaml sets it).")})
     max_duration_in_seconds: float = field(default=20.0, metadata={"help": 'Longer clips are randomly cropped to this (paper: 20 s = 320000 samples).'})
     max_batch_duration_in_seconds: float = field(default=240.0, metadata={"help": 'Padded audio per batch and device (paper: 3.8 M samples = 237.5 s per GPU).'})
     dataloader_num_workers: int = field(default=0, metadata={"help": 'DataLoader worker processes (0: load in the training process).'})
@@ -142,7 +145,7 @@ class PretrainingArguments:
         if self.num_train_epochs is not None and self.max_steps <= 0 and self.dataset_name is not None:
             raise ValueError("--num_train_epochs on a streamed Hub dataset needs --max_steps too: the stream has no "
                              "length to size the learning-rate schedule from")
-        if self.min_duration_in_seconds > self.max_duration_in_seconds:
+        if self.min_duration_in_seconds is not None and self.min_duration_in_seconds > self.max_duration_in_seconds:
             raise ValueError("min_duration_in_seconds must be <= max_duration_in_seconds")
         for name in ("logging_steps", "save_steps", "gradient_accumulation_steps", "max_nonfinite_updates"):
             if getattr(self, name) < 1:
@@ -503,6 +506,23 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             lock.release()
 
 
+def minimum_clip_samples(min_duration_in_seconds: float | None, config) -> tuple[int, str | None]:
+    """The shortest clip (in 16 kHz samples) a run trains on, and a note when a given minimum had to be raised:
+    the model's own minimum (`minimum_pretraining_samples`: one mask span plus a frame) when none is given, else
+    the given one, raised to the model's (shorter clips would fail in masking)."""
+    from .modeling_data2vec_aqc import minimum_pretraining_samples
+
+    needed = minimum_pretraining_samples(config)
+    if min_duration_in_seconds is None:
+        return needed, None
+    given = int(min_duration_in_seconds * TARGET_SAMPLING_RATE)
+    if given >= needed:
+        return given, None
+    return needed, (f"minimum clip length raised from {given / TARGET_SAMPLING_RATE:.3f} s to "
+                    f"{needed / TARGET_SAMPLING_RATE:.3f} s: mask spans of {config.mask_time_length} frames need "
+                    f"{needed} samples")
+
+
 def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: RankVote, stops: StopRequests) -> dict:
     """The body of `run_pretraining`, inside its stop handlers and output-directory lock."""
     output_dir = Path(args.output_dir)
@@ -511,15 +531,9 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
 
     source, description = build_source(args)
     stats = DataStats()
-    from .modeling_data2vec_aqc import minimum_pretraining_samples
-
-    min_samples = int(args.min_duration_in_seconds * TARGET_SAMPLING_RATE)
-    needed = minimum_pretraining_samples(model.config)
-    if min_samples < needed:  # shorter clips would fail in masking ("mask_length ... longer than the sequence")
-        accelerator.print(f"minimum clip length raised from {min_samples / TARGET_SAMPLING_RATE:.3f} s to "
-                          f"{needed / TARGET_SAMPLING_RATE:.3f} s: mask spans of {model.config.mask_time_length} "
-                          f"frames need {needed} samples")
-        min_samples = needed
+    min_samples, note = minimum_clip_samples(args.min_duration_in_seconds, model.config)
+    if note:
+        accelerator.print(note)
     stream = PretrainingStream(
         source,
         min_samples=min_samples,

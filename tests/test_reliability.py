@@ -233,6 +233,14 @@ def test_short_clips_are_skipped_with_the_reason_derived_from_the_model(tmp_path
         assert int(backbone._get_feat_extract_output_lengths(n)) == frames
         assert int(backbone._get_feat_extract_output_lengths(n - 1)) == frames - 1
     assert minimum_pretraining_samples(config) == samples_for_frames(config, config.mask_time_length + 1)
+    # pretraining's default minimum is the model's own; a lower given one is raised to it, with a note
+    from data2vec_aqc_hf.pretraining import PretrainingArguments, minimum_clip_samples
+
+    assert PretrainingArguments(train_data=str(tmp_path)).min_duration_in_seconds is None
+    assert minimum_clip_samples(None, config) == (minimum_pretraining_samples(config), None)
+    assert minimum_clip_samples(2.0, config) == (32000, None)
+    raised, note = minimum_clip_samples(0.01, config)
+    assert raised == minimum_pretraining_samples(config) and "raised from 0.010 s" in note
     assert ctc_min_frames([1, 2, 2, 3]) == 5
 
     wave = np.sin(np.arange(16000) / 7.0).astype(np.float32) * 0.3
