@@ -79,13 +79,14 @@ def cluster_views(
 
 
 @profiled("contrastive")
-@profiled("contrastive")
 def cosine_matrix(anchors: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Cosine similarity of every anchor with every target, `(n, a, d) x (n, t, d) -> (n, a, t)` in fp32:
-    `x . y / max(|x| |y|, eps)`, as `F.cosine_similarity`."""
-    anchors, targets = anchors.float(), targets.float()
-    norms = anchors.norm(dim=-1)[:, :, None] * targets.norm(dim=-1)[:, None, :]
-    return (anchors @ targets.transpose(1, 2)) / norms.clamp(min=eps)
+    """Cosine similarity of every anchor with every target, `(n, a, d) x (n, t, d) -> (n, a, t)` in fp32, also
+    under autocast (which would run the matmul in half precision; `F.cosine_similarity` stays fp32 there too):
+    `x . y / (max(|x|, eps) max(|y|, eps))`, as `F.cosine_similarity`."""
+    with torch.autocast(anchors.device.type, enabled=False):
+        anchors, targets = anchors.float(), targets.float()
+        norms = anchors.norm(dim=-1).clamp(min=eps)[:, :, None] * targets.norm(dim=-1).clamp(min=eps)[:, None, :]
+        return (anchors @ targets.transpose(1, 2)) / norms
 
 
 @profiled("contrastive")
@@ -114,6 +115,7 @@ def logits_from_similarity(
     return torch.cat([positive, negatives], dim=-1)
 
 
+@profiled("contrastive")
 def contrastive_logits(
     anchors: torch.Tensor,
     targets: torch.Tensor,

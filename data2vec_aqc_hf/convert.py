@@ -458,8 +458,8 @@ def card_text(summary: dict, repo_id: str | None) -> str:
         usage = ("import soundfile as sf\n"
                  "import torch\n"
                  "from transformers import AutoModelForCTC, AutoProcessor\n\n"
-                 f"model = AutoModelForCTC.from_pretrained(\"{model_id}\")\n"
-                 f"processor = AutoProcessor.from_pretrained(\"{model_id}\")\n"
+                 f"model = AutoModelForCTC.from_pretrained({model_id!r})\n"
+                 f"processor = AutoProcessor.from_pretrained({model_id!r})\n"
                  "audio, rate = sf.read(\"speech.flac\", dtype=\"float32\")  # 16 kHz mono (resample other rates first)\n"
                  "inputs = processor(audio, sampling_rate=16000, return_tensors=\"pt\")\n"
                  "with torch.no_grad():\n"
@@ -467,7 +467,7 @@ def card_text(summary: dict, repo_id: str | None) -> str:
                  "print(processor.batch_decode(ids)[0])")
     else:
         usage = ("from data2vec_aqc_hf import Data2VecAQCForPreTraining  # pip install data2vec_aqc_hf\n\n"
-                 f"model = Data2VecAQCForPreTraining.from_pretrained(\"{model_id}\")  # student, EMA teacher, heads")
+                 f"model = Data2VecAQCForPreTraining.from_pretrained({model_id!r})  # student, EMA teacher, heads")
     numbers = (f"The authors report {wer[0]} / {wer[1]} % WER on LibriSpeech test-clean / test-other without a "
                f"language model for this checkpoint." if wer else "")
     return render_card("converted.md", dict(

@@ -113,3 +113,17 @@ def test_logits_from_the_cosine_matrix_equal_the_gathered_reference_values_and_g
     torch.testing.assert_close(got[finite], want[finite], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got_a, want_a, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_t, want_t, atol=1e-5, rtol=1e-4)
+
+
+def test_logits_stay_fp32_under_autocast():
+    """Mixed-precision training runs the loss under autocast, which would lower the cosine matrix's matmul to bf16
+    (logit errors ~1e-2); the logits must equal the fp32 ones."""
+    g = torch.Generator().manual_seed(1)
+    anchors, targets = torch.randn(2, 30, 64, generator=g), torch.randn(2, 30, 64, generator=g)
+    negatives = sample_negative_indices(torch.rand(2, 30, generator=g) < 0.6, 20, g)
+    want = contrastive_logits(anchors, targets, negatives, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = contrastive_logits(anchors, targets, negatives, 0.1)
+    assert got.dtype == torch.float32
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-6)
