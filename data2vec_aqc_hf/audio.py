@@ -114,7 +114,7 @@ def load_audio_crop(path: str | os.PathLike, max_samples: int, rng: random.Rando
             frames = f.frames
             if (f.samplerate == target_sr and f.channels == 1 and f.subtype.startswith("PCM_")
                     and frames > max_samples):
-                start = rng.randrange(0, frames - max_samples + 1)  # random_crop's draw
+                start = window_start(frames, max_samples, rng)
                 f.seek(start)
                 crop = f.read(max_samples, dtype="float32")
                 if len(crop) == max_samples and np.ptp(crop):
@@ -125,11 +125,15 @@ def load_audio_crop(path: str | os.PathLike, max_samples: int, rng: random.Rando
             audio = prepare_audio(f.read(dtype="float32", always_2d=True), f.samplerate, name, target_sr)
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioError(f"{name}: cannot decode audio ({err})") from err
-    if len(audio) <= max_samples:
-        return audio, len(audio)
     if start is None:
-        start = rng.randrange(0, len(audio) - max_samples + 1)
+        start = window_start(len(audio), max_samples, rng)
     return audio[start : start + max_samples], len(audio)
+
+
+def window_start(length: int, max_samples: int, rng: random.Random) -> int:
+    """Start of a uniformly placed window of `max_samples` in `length` samples (0, and no draw, when it fits): the
+    one rule `load_audio_crop` and `data.random_crop` share, so both draw the same crop."""
+    return rng.randrange(0, length - max_samples + 1) if length > max_samples else 0
 
 
 def load_audio_example(example: dict, audio_column: str = "audio", target_sr: int = TARGET_SAMPLING_RATE,

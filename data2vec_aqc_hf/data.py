@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_crop, load_audio_example, resampled_length
+from .audio import (
+    TARGET_SAMPLING_RATE,
+    AudioError,
+    load_audio_crop,
+    load_audio_example,
+    resampled_length,
+    window_start,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +157,7 @@ class DataStats:
 
 def random_crop(audio: np.ndarray, max_samples: int, rng: random.Random) -> np.ndarray:
     """A uniformly placed window of at most `max_samples`."""
-    if len(audio) <= max_samples:
-        return audio
-    start = rng.randrange(0, len(audio) - max_samples + 1)
+    start = window_start(len(audio), max_samples, rng)
     return audio[start : start + max_samples]
 
 
