@@ -326,26 +326,52 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         elif stats:
             yield {"data_stats": stats}
 
-    MAX_LISTED_SKIPS = 5
-
     def _skip(self, stats: DataStats, name, reason):
-        """Count a skipped file; name the first few (each file once, not again every epoch), then say that the
-        rest are counted (the run's summary line gives the total)."""
+        """Count a skipped file. Nothing is logged here: dataloader workers are recreated every epoch and would
+        name the same files again; `SkipReport`, in the process that consumes the batches, names them."""
         stats.skipped.append((name, reason))
-        reported = self.__dict__.setdefault("_reported_skips", set())
-        if name in reported or len(reported) > self.MAX_LISTED_SKIPS:
-            return
-        reported.add(name)
-        if len(reported) <= self.MAX_LISTED_SKIPS:
-            logger.warning("skipping %s", reason if name and str(name) in reason else f"{name}: {reason}")
-        else:
-            logger.warning("more files are skipped (counted in the summary, not listed)")
 
 
-def iterate_batches(batches, stats: DataStats):
-    """The batches of a `PretrainingStream` (or a DataLoader over one), with their `data_stats` summed into `stats`."""
+class SkipReport:
+    """Says what the stream skipped, from the process that consumes its batches (where the counts of every
+    dataloader worker arrive): the first `max_listed` distinct files are named once per run with their reason,
+    then one line says the rest are counted, and `end_epoch` gives one summary line per epoch that skipped any."""
+
+    def __init__(self, max_listed: int = 5, prefix: str = ""):
+        self.max_listed, self.prefix = max_listed, prefix
+        self.named: set = set()
+        self.said_more = False
+        self.epoch_loaded, self.epoch_skipped, self.epoch_files = 0, 0, set()
+
+    def add(self, stats: DataStats) -> None:
+        self.epoch_loaded += stats.loaded
+        self.epoch_skipped += len(stats.skipped)
+        for name, reason in stats.skipped:
+            self.epoch_files.add(name)
+            if name in self.named:
+                continue
+            if len(self.named) < self.max_listed:
+                self.named.add(name)
+                logger.warning("%sskipping %s", self.prefix, reason if name and str(name) in reason else f"{name}: {reason}")
+            elif not self.said_more:
+                self.said_more = True
+                logger.warning("%smore files are skipped (counted in the summary, not listed)", self.prefix)
+
+    def end_epoch(self, epoch: int) -> None:
+        if self.epoch_skipped:
+            logger.warning("%sepoch %d: %d clip(s) skipped (%d distinct file(s)), %d loaded", self.prefix, epoch,
+                           self.epoch_skipped, len(self.epoch_files), self.epoch_loaded)
+        self.epoch_loaded, self.epoch_skipped, self.epoch_files = 0, 0, set()
+
+
+def iterate_batches(batches, stats: DataStats, report: SkipReport | None = None):
+    """The batches of a `PretrainingStream` (or a DataLoader over one), with their `data_stats` summed into `stats`
+    (and passed to `report`, which names skipped files)."""
     for item in batches:
-        stats.merge(item.pop("data_stats"))
+        item_stats = item.pop("data_stats")
+        stats.merge(item_stats)
+        if report is not None:
+            report.add(item_stats)
         if "input_values" in item:
             yield item
 

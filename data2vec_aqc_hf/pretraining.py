@@ -32,6 +32,7 @@ from .configuration_data2vec_aqc import SCHEDULE_FIELDS, Data2VecAQCConfig
 from .data import (
     DataStats,
     PretrainingStream,
+    SkipReport,
     check_usable,
     header_lengths,
     hours,
@@ -531,6 +532,7 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
 
     source, description = build_source(args)
     stats = DataStats()
+    skip_report = SkipReport(prefix=f"rank {accelerator.process_index}: " if accelerator.num_processes > 1 else "")
     min_samples, note = minimum_clip_samples(args.min_duration_in_seconds, model.config)
     if note:
         accelerator.print(note)
@@ -611,7 +613,7 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
         batches_this_epoch = state.batches_in_epoch if restart else 0
         if state.positions is None:
             state.positions = [0] * max(1, args.dataloader_num_workers)
-        for batch, last_of_epoch in with_last(iterate_batches(loader, stats)):
+        for batch, last_of_epoch in with_last(iterate_batches(loader, stats, skip_report)):
             position = batch.pop("data_position", None)
             batches_this_epoch += 1
             if batches_this_epoch > state.batches_in_epoch:  # a batch to train on: every rank votes first
@@ -663,6 +665,7 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
             progress.update(1)
             epochs_done = bool(args.num_train_epochs) and vote.all(state.epoch + last_of_epoch >= args.num_train_epochs)
             if epochs_done and last_of_epoch:  # this rank's last epoch ended with this batch
+                skip_report.end_epoch(state.epoch)
                 state.next_epoch()
             if state.step % args.logging_steps == 0 or state.step == stop_at or epochs_done:
                 last_logs = scalar_logs(out, scheduler.get_last_lr()[0])
@@ -692,10 +695,12 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
                 fail_without_usable_audio(vote, stats, description, state.epoch, True, accelerator.process_index)
             if state.epoch == 0 or batches_this_epoch == 0:
                 check_usable(stats, description)
+            skip_report.end_epoch(state.epoch)
             state.next_epoch()
             continue
         break
     progress.close()
+    skip_report.end_epoch(state.epoch)  # the part of an epoch a run ended in (nothing if it was reported)
     if stopped:
         stop_message = stop_with_checkpoint(accelerator, args, output_dir, state, saved_step, stops, checkpoint_bytes)
     elapsed = time.time() - start_time

@@ -13,6 +13,7 @@ from data2vec_aqc_hf.data import (
     DataStats,
     NoUsableAudioError,
     PretrainingStream,
+    SkipReport,
     check_usable,
     fairseq_tsv_items,
     iterate_batches,
@@ -88,8 +89,8 @@ def _stream(items, **kw):
 
 
 def _batches(stream_or_loader, stats=None):
-    """The stream's batches (its per-batch `data_stats` summed into `stats`)."""
-    return list(iterate_batches(stream_or_loader, stats if stats is not None else DataStats()))
+    """The stream's batches (its per-batch `data_stats` summed into `stats`, skipped files named)."""
+    return list(iterate_batches(stream_or_loader, stats if stats is not None else DataStats(), SkipReport()))
 
 
 @pytest.mark.parametrize("max_samples", [3000, 16000, 64000, 10**7])
@@ -325,20 +326,27 @@ def test_hub_two_channel_switchboard_style_split(tmp_path):
     assert sum(b["input_values"].shape[0] for b in batches) == 2
 
 
-def test_skipped_files_are_named_once_not_every_epoch(tmp_path, caplog):
-    """Each skipped file is named once (not again in later epochs), at most five are listed, then one line says
-    the rest are counted; the counts stay complete."""
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipped_files_are_named_once_then_one_line_per_epoch(tmp_path, caplog, num_workers):
+    """Each skipped file is named once per run (not again in later epochs, also with dataloader workers, which
+    are recreated every epoch), at most five are listed, one line says the rest are counted, and each epoch ends
+    with one summary line of its counts; the counts stay complete."""
     shutil.copy(demo_unlabeled_paths()[0], tmp_path / "good.flac")
     for i in range(8):
         sf.write(tmp_path / f"short{i}.wav", np.random.randn(8000).astype(np.float32), 16000)
     stream = _stream(local_items(tmp_path))
-    stats = DataStats()
+    stats, report = DataStats(), SkipReport()
     with caplog.at_level(logging.WARNING):
         for epoch in range(3):
             stream.set_epoch(epoch)
-            _batches(stream, stats)
-    assert len(stats.skipped) == 3 * 8  # every skip counted
+            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
+            assert len(list(iterate_batches(loader, stats, report))) == 1
+            report.end_epoch(epoch)
+    assert len(stats.skipped) == 3 * 8 and stats.loaded == 3  # every skip counted
     lines = [r.getMessage() for r in caplog.records]
     named = [line for line in lines if "short" in line and "shorter than the minimum" in line]
     assert len(named) == 5 and len(set(named)) == 5, lines
     assert lines.count("more files are skipped (counted in the summary, not listed)") == 1
+    summaries = [line for line in lines if line.startswith("epoch ")]
+    assert summaries == [f"epoch {e}: 8 clip(s) skipped (8 distinct file(s)), 1 loaded" for e in range(3)], lines
+    assert len(lines) == 5 + 1 + 3, lines
