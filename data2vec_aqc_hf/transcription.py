@@ -38,16 +38,32 @@ def audio_files(inputs: list[str], report=None) -> list[Path]:
     return files
 
 
+def model_file(model: str, name: str) -> Path | None:
+    """The file `name` of `model` (a local folder, else a Hub id, downloaded to the Hub cache), or None where it
+    has no such file or it cannot be reached (the model's loading then says why)."""
+    if Path(model).is_dir():
+        path = Path(model) / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(model, name))
+    except (OSError, ValueError, EntryNotFoundError):  # not a Hub id (ValueError), no such file, offline
+        return None
+
+
 def pretraining_checkpoint_error(model: str) -> str | None:
-    """A message when `model` is a local data2vec-aqc *pretraining* checkpoint (no CTC head, no tokenizer)."""
-    config = Path(model) / "config.json"
-    if not config.is_file():
+    """A message when `model` (local folder or Hub id) is a data2vec-aqc *pretraining* checkpoint (no CTC head,
+    no tokenizer), or a CTC model saved without its vocabulary."""
+    config = model_file(model, "config.json")
+    if config is None:
         return None
     values = json.loads(config.read_text())
     if any(a.endswith("ForPreTraining") for a in values.get("architectures") or []):
         return (f"{model} is a pretraining checkpoint (no CTC head or vocabulary): fine-tune it first "
                 f"(training/finetune.py --model_name_or_path {model} ...)")
-    if not any((Path(model) / name).exists() for name in ("vocab.json", "tokenizer_config.json")):
+    if not any(model_file(model, name) for name in ("vocab.json", "tokenizer_config.json")):
         return f"{model}: no vocab.json / tokenizer: save the processor with the model (processor.save_pretrained)"
     return None
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -233,11 +234,46 @@ def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
     assert "is a pretraining checkpoint" in capsys.readouterr().err
 
 
+def test_transcribe_cli_names_a_hub_pretraining_checkpoint(tmp_path, random_ctc_dir, monkeypatch, capsys):
+    """A Hub id of a pretraining checkpoint gets the same one-line 'fine-tune it first' (not a tokenizer
+    traceback); a Hub CTC model without a vocabulary is named too. Only the download is replaced: it serves a
+    local folder as the Hub repo and raises the Hub's own error for a file the repo lacks."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from data2vec_aqc_hf import Data2VecAQCForPreTraining
+    from data2vec_aqc_hf.transcription import main
+
+    Data2VecAQCForPreTraining(tiny_config()).save_pretrained(tmp_path / "pre")
+    (tmp_path / "ctc_no_vocab").mkdir()
+    shutil.copy(random_ctc_dir / "config.json", tmp_path / "ctc_no_vocab" / "config.json")
+    repos = {"someone/aqc-pretrained": tmp_path / "pre", "someone/ctc-no-vocab": tmp_path / "ctc_no_vocab"}
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        path = repos[repo_id] / filename
+        if not path.is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(path)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    clip = tmp_path / "ok.wav"
+    sf.write(clip, np.sin(np.arange(16000) / 5.0).astype(np.float32) * 0.3, 16000)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["someone/aqc-pretrained", str(clip)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "someone/aqc-pretrained is a pretraining checkpoint" in err, err
+    assert "fine-tune it first" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["someone/ctc-no-vocab", str(clip)])
+    assert "someone/ctc-no-vocab: no vocab.json / tokenizer" in capsys.readouterr().err
+    assert ("someone/aqc-pretrained", "config.json") in asked and ("someone/ctc-no-vocab", "vocab.json") in asked
+
+
 def test_model_card_example_runs_in_plain_transformers_on_8khz_audio(tmp_path, random_ctc_dir):
     """The card's usage block, as written (model id and file name filled in), runs where this package cannot be
     imported, on an 8 kHz FSDD file (the resampling step is needed), and gives the pipeline's transcript."""
     import re
-    import shutil
 
     from transformers import AutoProcessor
 
