@@ -31,7 +31,7 @@ from .configuration_data2vec_aqc import Data2VecAQCConfig
 from .fairseq_io import FairseqCheckpointError, load_fairseq_checkpoint
 
 __all__ = ["convert_checkpoint", "config_from_fairseq", "map_fairseq_weights", "fairseq_vocab", "main",
-           "LIBRISPEECH_LETTERS", "KNOWN_CHECKPOINTS"]
+           "LIBRISPEECH_LETTERS", "KNOWN_CHECKPOINTS", "release_mismatch"]
 
 # fairseq's dict.ltr.txt for LibriSpeech (https://dl.fbaipublicfiles.com/fairseq/wav2vec/dict.ltr.txt), in order
 LIBRISPEECH_LETTERS = "| E T A O N I H S R D L U M W C F G Y P B V K ' X J Q Z".split()
@@ -443,15 +443,39 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, dict_path
         task = _model_cfg(state, checkpoint)[1]
         _processor(vocab, output_dir, bool(task.get("normalize", True))).save_pretrained(output_dir)
         summary.update(objective="ctc")
+    summary.update(num_hidden_layers=model.config.num_hidden_layers, hidden_size=model.config.hidden_size)
+    problem = release_mismatch(summary)
+    if problem:
+        summary["notes"].append(problem)
     (output_dir / "conversion.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
+def release_mismatch(summary: dict) -> str | None:
+    """Where the file has a released checkpoint's name but not its contents (every release is a BASE model:
+    12 layers of 768; `_100h` ones are CTC fine-tuned, the others pretraining), why; None otherwise. The card
+    quotes a release's description and WER only for a file that passes, so a renamed file is not credited with
+    the paper's numbers."""
+    name = summary["source"]
+    if name not in KNOWN_CHECKPOINTS:
+        return None
+    expected = {"kind": "finetuned" if name.endswith("_100h.pt") else "pretraining", "num_hidden_layers": 12,
+                "hidden_size": 768}
+    differs = [f"{key} {summary.get(key)} (the release: {value})" for key, value in expected.items()
+               if summary.get(key) != value]
+    if not differs:
+        return None
+    return (f"{name} is named like the authors' release but its contents differ: {'; '.join(differs)}; the card "
+            f"does not quote the release's description or WER")
+
+
 def card_text(summary: dict, repo_id: str | None) -> str:
-    """Model card for a converted checkpoint: where it came from and the paper's numbers for it."""
+    """Model card for a converted checkpoint: where it came from and, for a file that is an authors' release
+    (name and contents, `release_mismatch`), the paper's numbers for it."""
     from .cards import render_card
 
-    title, url, wer = KNOWN_CHECKPOINTS.get(summary["source"], (f"fairseq checkpoint {summary['source']}", None, None))
+    release = None if release_mismatch(summary) else KNOWN_CHECKPOINTS.get(summary["source"])
+    title, url, wer = release or (f"fairseq checkpoint {summary['source']}", None, None)
     source = f"[`{summary['source']}`]({url})" if url else f"`{summary['source']}`"
     model_id = repo_id or "path/to/converted"
     if summary["kind"] == "finetuned":

@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT, run_without_package
 
 from data2vec_aqc_hf import Data2VecAQCForPreTraining
-from data2vec_aqc_hf.convert import LIBRISPEECH_LETTERS, convert_checkpoint, fairseq_vocab, main
+from data2vec_aqc_hf.convert import (LIBRISPEECH_LETTERS, card_text, convert_checkpoint, fairseq_vocab, main,
+                                     release_mismatch)
 from data2vec_aqc_hf.fairseq_io import FairseqCheckpointError, load_fairseq_checkpoint
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "fairseq_aqc"
@@ -163,7 +164,7 @@ def test_dictionary_sources_agree(tmp_path, expected):
     assert json.loads((tmp_path / "d" / "vocab.json").read_text()) == expected["finetuned"]["hf_vocab"]
 
 
-def test_card_names_the_source_and_push_uses_the_hub_boundary(tmp_path, monkeypatch):
+def test_card_names_the_source_and_push_uses_the_hub_boundary(tmp_path, monkeypatch, capsys):
     calls = []
 
     class FakeApi:
@@ -178,11 +179,13 @@ def test_card_names_the_source_and_push_uses_the_hub_boundary(tmp_path, monkeypa
             return "https://huggingface.co/fake/commit"
 
     monkeypatch.setattr("data2vec_aqc_hf.hub.HfApi", FakeApi)
-    src = tmp_path / "data2vec-aqc_base_960h_100h.pt"  # a released file's name: the card gives its paper numbers
+    src = tmp_path / "data2vec-aqc_base_960h_100h.pt"  # a release's name on a tiny file: no paper numbers
     src.write_bytes((FIXTURES / "aqc_tiny_finetuned_ctc.pt").read_bytes())
     assert main([str(src), str(tmp_path / "out"), "--push_to_hub", "me/aqc"]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "data2vec-aqc_base_960h_100h.pt" in card and "4.8 / 9.5" in card and "me/aqc" in card
+    assert "data2vec-aqc_base_960h_100h.pt" in card and "me/aqc" in card
+    assert "4.8 / 9.5" not in card and "asr.iitm.ac.in" not in card and "fine-tuned on 100 h" not in card
+    assert "named like the authors' release" in capsys.readouterr().out
     assert "$" not in card.split("---", 2)[2].replace("$ ", "")
     assert calls[0] == ("create", "me/aqc") and "model.safetensors" in calls[1][2] and "README.md" in calls[1][2]
 
@@ -320,3 +323,21 @@ def test_converted_card_example_runs_as_written_in_plain_transformers(tmp_path):
     with torch.no_grad():
         ids = model(**processor(audio[:32000], sampling_rate=16000, return_tensors="pt")).logits.argmax(-1)
     assert printed == processor.batch_decode(ids)[0].strip()
+
+
+def test_release_numbers_only_for_a_file_with_the_release_contents():
+    """The card credits a file with a release's description, link and WER only when its name is a release's and
+    its contents fit that release (BASE size; CTC for `_100h`, pretraining otherwise)."""
+    release = {"source": "data2vec-aqc_base_960h_100h.pt", "kind": "finetuned", "num_updates": 80000,
+               "objective": "ctc", "num_hidden_layers": 12, "hidden_size": 768, "notes": []}
+    assert release_mismatch(release) is None
+    card = card_text(release, "me/aqc")
+    assert "4.8 / 9.5" in card and "fine-tuned on 100 h" in card and "asr.iitm.ac.in" in card
+    pretrained = {**release, "source": "data2vec-aqc_base_960h.pt", "kind": "pretraining", "objective": "aqc"}
+    assert release_mismatch(pretrained) is None and "pretrained on LibriSpeech 960 h" in card_text(pretrained, None)
+    wrong_kind = {**release, "kind": "pretraining"}
+    assert "kind pretraining (the release: finetuned)" in release_mismatch(wrong_kind)
+    small = {**release, "num_hidden_layers": 4, "hidden_size": 256}
+    assert "num_hidden_layers 4 (the release: 12)" in release_mismatch(small)
+    assert "4.8 / 9.5" not in card_text(small, "me/aqc")
+    assert release_mismatch({**release, "source": "my_model.pt"}) is None  # not a release's name: nothing claimed
