@@ -585,6 +585,9 @@ class TrainerOptions(TrainingArguments):
     _argument_group_name = "Trainer options (transformers.TrainingArguments)"
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
         "help": "Integrations to log to (default here: tensorboard, in output_dir/runs; 'none' for none)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "Continue an interrupted run: a checkpoint-N folder, or 'latest' for the newest checkpoint-N in "
+                "output_dir (weights, optimizer, schedule and RNG states, as the Trainer saved them)."})
 
 
 def card_base_model(model_name_or_path: str | None, preset: str | None) -> dict:

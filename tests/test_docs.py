@@ -97,6 +97,20 @@ def test_every_flag_of_ours_in_the_training_scripts_has_help():
         assert not missing, f"{cls.__name__}: no help for {missing}"
 
 
+def test_finetune_help_tells_what_our_script_does_with_trainer_options():
+    """Two TrainingArguments mean more in finetune.py than transformers' help says: `--resume_from_checkpoint`
+    (used, and takes `latest`) and `--report_to` (tensorboard by default); their help says so."""
+    from transformers import HfArgumentParser
+
+    from data2vec_aqc_hf.finetuning import FinetuneArguments, TrainerOptions
+
+    parser = HfArgumentParser((FinetuneArguments, TrainerOptions))
+    helps = {a.dest: a.help for a in parser._actions}
+    assert "'latest'" in helps["resume_from_checkpoint"] and "checkpoint-N" in helps["resume_from_checkpoint"]
+    assert "Not directly used by Trainer" not in helps["resume_from_checkpoint"]
+    assert "tensorboard" in helps["report_to"]
+
+
 def test_a_built_wheel_carries_the_card_templates(tmp_path):
     """A non-editable install must find the model-card templates (they live in model_cards/, outside the package
     folder): the wheel holds them as data2vec_aqc_hf/model_card_templates/, and cards.find_template reads them

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import DEMO, ROOT, tiny_config
 from conftest import run_without_package
 from transformers import TrainingArguments
@@ -91,6 +92,7 @@ def test_finetune_save_stock_and_pipeline_without_package(tmp_path, monkeypatch)
     assert (final / "preprocessor_config.json").exists() or (final / "processor_config.json").exists()
     card = (final / "README.md").read_text()
     assert f"value: {metrics['wer']:.4f}" in card and "fsdd_yweweler" in card and "model-index" in card
+    assert "| weights saved | 6 (the last update) |" in card
     assert "me/aqc-digits" in calls and calls[-1] == str(final)  # Trainer's repo init, then our upload
 
     from data2vec_aqc_hf.transcription import build_pipeline, transcribe_files
@@ -177,8 +179,10 @@ def test_finetune_script_runs_as_a_script(tmp_path):
 
     Data2VecAQCForPreTraining(tiny_config()).save_pretrained(pre)
     result = subprocess.run([sys.executable, str(ROOT / "training/finetune.py"), str(ROOT / "configs/demo_finetune.yaml"),
-                             "--model_name_or_path", str(pre), "--output_dir", str(tmp_path / "ft"), "--max_steps", "2",
-                             "--eval_steps", "2", "--save_steps", "2", "--warmup_steps", "0"],
+                             "--model_name_or_path", str(pre), "--output_dir", str(tmp_path / "ft"), "--max_steps", "4",
+                             "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--warmup_steps", "0",
+                             "--learning_rate", "0.05", "--load_best_model_at_end", "true", "--metric_for_best_model",
+                             "loss", "--greater_is_better", "false"],
                             capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -186,6 +190,16 @@ def test_finetune_script_runs_as_a_script(tmp_path):
     assert metrics["wer"] >= 0.0 and metrics["num_utterances"] == 120
     assert (tmp_path / "ft/final/README.md").exists() and (tmp_path / "ft/final/training_curves.png").exists()
     assert list((tmp_path / "ft/runs").rglob("events.out.tfevents*")), "fine-tuning wrote no tensorboard events"
+    # the card names the step of the weights it describes: the best checkpoint's, which the final folder holds
+    state = json.loads((tmp_path / "ft/checkpoint-4/trainer_state.json").read_text())
+    best_step = int(state["best_model_checkpoint"].rsplit("-", 1)[-1])
+    assert best_step == 2  # lr 0.05 overshoots: eval loss ~3.2 at step 2, ~5.0 at 4, so best is not the last
+    card = (tmp_path / "ft/final/README.md").read_text()
+    assert f"| weights saved | {best_step} (best checkpoint by loss) |" in card, card
+    from safetensors.torch import load_file
+
+    final, best = (load_file(tmp_path / f"ft/{d}/model.safetensors") for d in ("final", f"checkpoint-{best_step}"))
+    assert all(torch.equal(final[k], best[k]) for k in final)
 
 
 def test_finetune_logs_to_tensorboard_by_default():
