@@ -177,6 +177,7 @@ def test_finetune_script_runs_as_a_script(tmp_path):
     pre = tmp_path / "pre"
     from data2vec_aqc_hf import Data2VecAQCForPreTraining
 
+    torch.manual_seed(0)
     Data2VecAQCForPreTraining(tiny_config()).save_pretrained(pre)
     result = subprocess.run([sys.executable, str(ROOT / "training/finetune.py"), str(ROOT / "configs/demo_finetune.yaml"),
                              "--model_name_or_path", str(pre), "--output_dir", str(tmp_path / "ft"), "--max_steps", "4",
