@@ -83,14 +83,18 @@ def time_steps_interleaved(steps: dict, rounds: int, warmup: int, device) -> dic
     return times
 
 
-def ours_step(config: Data2VecAQCConfig, x, mask, device, autocast):
+def ours_step(config: Data2VecAQCConfig, x, mask, device, autocast, compiled: bool = False):
+    """As `training/pretrain.py` does it: the step's draws from `sample_step_randomness`, then the forward
+    (`torch.compile(fullgraph=True)` with `compiled`: the whole forward + loss is one graph)."""
     model = Data2VecAQCForPreTraining(config).to(device).train()
     optimizer = torch.optim.AdamW(model.student_parameters(), lr=5e-4)
     generator = torch.Generator(device=device).manual_seed(0)
+    forward = torch.compile(model, fullgraph=True) if compiled else model
 
     def step():
+        randomness = model.sample_step_randomness(x, mask, generator)
         with autocast():
-            out = model(x, attention_mask=mask, generator=generator)
+            out = forward(x, attention_mask=mask, randomness=randomness)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,7 +103,7 @@ def ours_step(config: Data2VecAQCConfig, x, mask, device, autocast):
     return step, sum(p.numel() for p in model.student_parameters())
 
 
-def hf_wav2vec2_step(config: Data2VecAQCConfig, x, mask, device, autocast):
+def hf_wav2vec2_step(config: Data2VecAQCConfig, x, mask, device, autocast, compiled: bool = False):
     from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
@@ -115,6 +119,7 @@ def hf_wav2vec2_step(config: Data2VecAQCConfig, x, mask, device, autocast):
     )
     model = Wav2Vec2ForPreTraining(w2v).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    forward = torch.compile(model) if compiled else model  # transformers' model may break the graph: not fullgraph
     num_updates = [0]
 
     def step():
@@ -128,7 +133,7 @@ def hf_wav2vec2_step(config: Data2VecAQCConfig, x, mask, device, autocast):
         mask_time = torch.tensor(mask_time, dtype=torch.bool, device=device)
         negatives = torch.tensor(negatives, dtype=torch.long, device=device)
         with autocast():
-            out = model(x, attention_mask=mask, mask_time_indices=mask_time, sampled_negative_indices=negatives)
+            out = forward(x, attention_mask=mask, mask_time_indices=mask_time, sampled_negative_indices=negatives)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -168,6 +173,9 @@ def main(argv=None):
                         help="torch CPU threads (default: torch's; on cores shared with other jobs 1 is often faster)")
     parser.add_argument("--num_clones", type=int, default=None,
                         help="clones per utterance of the efficient contenders (default: the config's, 8)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each contender under torch.compile (`<name>+compile`; ours with "
+                             "fullgraph=True); the first compiled steps, which build the graph, are warm-up")
     parser.add_argument("--contenders", default=None,
                         help="comma-separated subset of: w2v2-hf, d2v-aqc, d2v-plain, d2v-aqc-eff, d2v-plain-eff, "
                              "backbone (default: all)")
@@ -193,16 +201,21 @@ def main(argv=None):
     efficient = dict(efficient_mode=True, **({"num_clones": args.num_clones} if args.num_clones else {}))
     clones = preset(**efficient).num_clones
     contenders = {  # name: (build, student views per step, the standard contender its views/s is compared with)
-        "w2v2-hf": (lambda: hf_wav2vec2_step(config, x, mask, device, autocast), args.batch_size, None),
-        "d2v-aqc": (lambda: ours_step(config, x, mask, device, autocast), args.batch_size, None),
-        "d2v-plain": (lambda: ours_step(preset(objective="data2vec"), x, mask, device, autocast), args.batch_size,
-                      None),
-        "d2v-aqc-eff": (lambda: ours_step(preset(**efficient), x, mask, device, autocast),
+        "w2v2-hf": (lambda **kw: hf_wav2vec2_step(config, x, mask, device, autocast, **kw), args.batch_size, None),
+        "d2v-aqc": (lambda **kw: ours_step(config, x, mask, device, autocast, **kw), args.batch_size, None),
+        "d2v-plain": (lambda **kw: ours_step(preset(objective="data2vec"), x, mask, device, autocast, **kw),
+                      args.batch_size, None),
+        "d2v-aqc-eff": (lambda **kw: ours_step(preset(**efficient), x, mask, device, autocast, **kw),
                         args.batch_size * clones, "d2v-aqc"),
-        "d2v-plain-eff": (lambda: ours_step(preset(objective="data2vec", **efficient), x, mask, device, autocast),
-                          args.batch_size * clones, "d2v-plain"),
+        "d2v-plain-eff": (lambda **kw: ours_step(preset(objective="data2vec", **efficient), x, mask, device,
+                                                 autocast, **kw), args.batch_size * clones, "d2v-plain"),
         "backbone": (lambda: backbone_step(config, x, mask, device, autocast), args.batch_size, None),
     }
+    if args.compile:  # the compiled twin of each (not the backbone floor); its ratios compare with the eager ones
+        for key, (build, views, standard) in list(contenders.items()):
+            if key != "backbone":
+                contenders[f"{key}+compile"] = (
+                    lambda build=build: build(compiled=True), views, standard and f"{standard}+compile")
     if args.contenders:
         wanted = args.contenders.split(",")
         unknown = sorted(set(wanted) - set(contenders))
@@ -225,22 +238,25 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"{args.preset} preset, batch {args.batch_size} x {args.seconds} s, {args.dtype}, {name}, "
           f"median of {args.steps} interleaved rounds after {args.warmup} warm-up, {clones} clones in efficient mode")
-    print(f"{'':14s} {'ms/step':>9s} {'audio s/s':>10s} {'views/s':>8s} {'x w2v2-hf time':>15s} "
-          f"{'views/s vs std':>15s} {'params':>12s}")
+    compiled_base = results["w2v2-hf+compile"]["ms_per_step"] if "w2v2-hf+compile" in results else None
+    print(f"{'':22s} {'ms/step':>9s} {'audio s/s':>10s} {'views/s':>8s} {'x w2v2-hf time':>15s} "
+          + (f"{'x w2v2+compile':>15s} " if compiled_base else "") + f"{'views/s vs std':>15s} {'params':>12s}")
     for key, r in results.items():
         r["time_ratio_vs_w2v2_hf"] = r["ms_per_step"] / base if base else None
+        r["time_ratio_vs_w2v2_hf_compiled"] = r["ms_per_step"] / compiled_base if compiled_base else None
         standard = contenders[key][2]
         r["views_ratio_vs_standard"] = (r["views_per_s"] / results[standard]["views_per_s"]
                                         if standard in results else None)
         time_ratio = f"{r['time_ratio_vs_w2v2_hf']:15.2f}" if base else f"{'-':>15s}"
+        compiled_ratio = f"{r['time_ratio_vs_w2v2_hf_compiled']:15.2f} " if compiled_base else ""
         views_ratio = (f"{r['views_ratio_vs_standard']:15.2f}" if r["views_ratio_vs_standard"] is not None
                        else f"{'-':>15s}")
-        print(f"{key:14s} {r['ms_per_step']:9.1f} {r['audio_s_per_s']:10.1f} {r['views_per_s']:8.2f} {time_ratio} "
-              f"{views_ratio} {r['params']:12,d}")
+        print(f"{key:22s} {r['ms_per_step']:9.1f} {r['audio_s_per_s']:10.1f} {r['views_per_s']:8.2f} {time_ratio} "
+              f"{compiled_ratio}{views_ratio} {r['params']:12,d}")
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"step_time_{args.preset}_{args.dtype}_{device.type}"
+    tag = f"step_time_{args.preset}_{args.dtype}_{device.type}" + ("_compile" if args.compile else "")
     (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "device": name, "results": results}, indent=2))
     import matplotlib
 
