@@ -2,6 +2,8 @@
 
     python bench/step_time.py --preset tiny                         # CPU smoke run, seconds
     python bench/step_time.py --preset base --dtype bf16 --steps 20  # on a GPU
+    python bench/step_time.py --preset base --batch_size 2 --seconds 4 --compile --threads 1 \
+        --contenders w2v2-hf,d2v-aqc,d2v-plain,w2v2-hf+compile,d2v-aqc+compile,d2v-plain+compile   # CPU, compiled
 
 Each contender does the full optimizer step the way its training script does it, on the same real speech batch:
 * `w2v2-hf`: `Wav2Vec2ForPreTraining` as `run_wav2vec2_pretraining_no_trainer.py` drives it: masks and negatives from
