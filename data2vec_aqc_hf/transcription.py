@@ -93,7 +93,12 @@ def torch_device(device: int | str):
 
 
 def transcribe_files(asr, files: list[Path], chunk_length_s: float = 20.0, stride_length_s: float = 4.0):
-    """Yield `(file, transcript or None, error or None)`; a bad file is reported and skipped."""
+    """Yield `(file, transcript or None, error or None)`; a bad file is reported and skipped, as is a clip
+    shorter than the model's CNN receptive field (checked here: a stock `Data2VecAudioForCTC` would fail inside
+    its convolution)."""
+    from .modeling_data2vec_aqc import receptive_field
+
+    field = receptive_field(asr.model.config)
     for path in files:
         try:
             audio = load_audio(path)
@@ -104,6 +109,11 @@ def transcribe_files(asr, files: list[Path], chunk_length_s: float = 20.0, strid
         if seconds < MIN_SECONDS:
             print(f"WARNING {path}: {seconds:.2f} s is very short (< {MIN_SECONDS} s); the transcript is unreliable",
                   file=sys.stderr)
+        if len(audio) < field:
+            yield path, None, (f"{path}: {len(audio)} samples ({seconds:.3f} s at 16 kHz) is shorter than the model's "
+                               f"receptive field of {field} samples ({field / TARGET_SAMPLING_RATE:.3f} s); not "
+                               f"transcribed")
+            continue
         kwargs = dict(chunk_length_s=chunk_length_s, stride_length_s=stride_length_s) if seconds > chunk_length_s else {}
         try:
             text = asr({"raw": audio, "sampling_rate": TARGET_SAMPLING_RATE}, **kwargs)["text"]
@@ -145,6 +155,10 @@ def main(argv=None) -> int:
         parser.error(str(err))
     if not files:
         parser.error(f"no audio files in {args.inputs}")
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # said now, not after loading the model
+        parser.error(f"--output {args.output}: the folder {Path(args.output).resolve().parent} does not exist")
+    if args.lm and not Path(args.lm).is_file():
+        parser.error(f"--lm {args.lm}: no such file")
     problem = pretraining_checkpoint_error(args.model)
     if problem:
         parser.error(problem)

@@ -43,6 +43,8 @@ def main():
     p.add_argument("--freeze_cnn", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freeze_transformer_steps", type=int, default=0)
+    p.add_argument("--reinit_top_layers", type=int, default=0,
+                   help="re-initialise the top N transformer layers of a pretrained --init before fine-tuning")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fit_all", action="store_true",
                    help="score the fit on every training utterance (default: 20 per speaker)")
@@ -73,6 +75,14 @@ def main():
                            mask_feature_prob=a.mask_feature_prob, mask_feature_length=a.mask_feature_length,
                            layerdrop=0.0, freeze_feature_encoder=a.freeze_cnn,
                            model_preset=a.preset if a.init == "none" else None, **overrides)
+    if a.reinit_top_layers:  # keep the CNN and lower layers of the pretrained encoder, the top ones fresh
+        for module in model.data2vec_audio.encoder.layers[-a.reinit_top_layers:].modules():
+            if isinstance(module, torch.nn.Linear):  # transformers' init for these layers (its _init_weights
+                torch.nn.init.normal_(module.weight, std=model.config.initializer_range)  # skips loaded ones)
+                torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.LayerNorm):
+                torch.nn.init.ones_(module.weight)
+                torch.nn.init.zeros_(module.bias)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=a.lr,
         warmup_steps=max(1, a.steps // 10), lr_scheduler_type="linear", weight_decay=0.01, adam_beta2=0.98,

@@ -227,6 +227,12 @@ def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["/nonexistent/model", str(tmp_path / "nope.wav")])
     assert exit_info.value.code == 2 and "nope.wav" in capsys.readouterr().err
+    real = str(DEMO / "audio/fsdd/lucas/5_lucas_1.flac")
+    for flags, said in ((["--output", str(tmp_path / "no/such/dir/out.jsonl")], "does not exist"),
+                        (["--lm", str(tmp_path / "missing.arpa")], "missing.arpa: no such file")):
+        with pytest.raises(SystemExit) as exit_info:  # before the (here nonexistent) model is loaded
+            main(["/nonexistent/model", real, *flags])
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err
 
     folder = tmp_path / "clips"
     folder.mkdir()
@@ -247,6 +253,29 @@ def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "pre"), str(folder / "ok.wav")])
     assert "is a pretraining checkpoint" in capsys.readouterr().err
+
+    # the stock export (what fine-tuning writes to final/) fails inside its convolution on such a clip: the
+    # length is checked before, so that file fails and the others are transcribed there too
+    from transformers import AutoModelForCTC
+
+    from data2vec_aqc_hf.export import save_as_data2vec_audio
+
+    stock = tmp_path / "stock"
+    save_as_data2vec_audio(AutoModelForCTC.from_pretrained(random_ctc_dir), stock)
+    from transformers import AutoProcessor
+
+    from data2vec_aqc_hf.modeling_data2vec_aqc import receptive_field
+
+    AutoProcessor.from_pretrained(random_ctc_dir).save_pretrained(stock)
+    assert json.loads((stock / "config.json").read_text())["model_type"] == "data2vec-audio"
+    code = main([str(stock), str(folder / "ok.wav"), str(folder / "tiny.wav")])
+    captured = capsys.readouterr()
+    field = receptive_field(tiny_config())
+    assert field > 200  # tiny.wav's samples
+    assert code == 1 and "1 of 2 file(s) failed" in captured.err, captured.err
+    assert f"tiny.wav: 200 samples (0.013 s at 16 kHz) is shorter than the model's receptive field of {field}" \
+        in captured.err, captured.err
+    assert "ok.wav\t" in captured.out, captured.out
 
 
 def test_transcribe_cli_names_a_hub_pretraining_checkpoint(tmp_path, random_ctc_dir, monkeypatch, capsys):
