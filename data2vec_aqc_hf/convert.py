@@ -480,18 +480,30 @@ def card_text(summary: dict, repo_id: str | None) -> str:
     model_id = repo_id or "path/to/converted"
     if summary["kind"] == "finetuned":
         usage = ("import soundfile as sf\n"
+                 "import soxr\n"
                  "import torch\n"
                  "from transformers import AutoModelForCTC, AutoProcessor\n\n"
                  f"model = AutoModelForCTC.from_pretrained({model_id!r})\n"
                  f"processor = AutoProcessor.from_pretrained({model_id!r})\n"
-                 "audio, rate = sf.read(\"speech.flac\", dtype=\"float32\")  # 16 kHz mono (resample other rates first)\n"
+                 "audio, rate = sf.read(\"speech.flac\", dtype=\"float32\", always_2d=True)\n"
+                 "audio = audio.mean(axis=1)                      # mono\n"
+                 "if rate != 16000:\n"
+                 "    audio = soxr.resample(audio, rate, 16000)   # the model expects 16 kHz\n"
                  "inputs = processor(audio, sampling_rate=16000, return_tensors=\"pt\")\n"
                  "with torch.no_grad():\n"
                  "    ids = model(**inputs).logits.argmax(-1)\n"
                  "print(processor.batch_decode(ids)[0])")
-    else:
-        usage = ("from data2vec_aqc_hf import Data2VecAQCForPreTraining  # pip install data2vec_aqc_hf\n\n"
-                 f"model = Data2VecAQCForPreTraining.from_pretrained({model_id!r})  # student, EMA teacher, heads")
+    else:  # the folder carries the model code and auto_map: plain transformers loads it with trust_remote_code
+        usage = ("import torch\n"
+                 "from transformers import AutoFeatureExtractor, AutoModel, AutoModelForPreTraining\n\n"
+                 f"extractor = AutoFeatureExtractor.from_pretrained({model_id!r})\n"
+                 f"encoder = AutoModel.from_pretrained({model_id!r}, trust_remote_code=True).eval()  # the student\n"
+                 "audio = torch.randn(16000).numpy()  # one second of 16 kHz mono audio (e.g. read with soundfile)\n"
+                 "with torch.no_grad():\n"
+                 "    embeddings = encoder(**extractor(audio, sampling_rate=16000, return_tensors=\"pt\")).last_hidden_state\n"
+                 "print(tuple(embeddings.shape))  # (1, frames, hidden_size): one vector per 20 ms\n"
+                 f"full = AutoModelForPreTraining.from_pretrained({model_id!r}, trust_remote_code=True)  "
+                 "# student, EMA teacher, heads: continue pretraining")
     numbers = (f"The authors report {wer[0]} / {wer[1]} % WER on LibriSpeech test-clean / test-other without a "
                f"language model for this checkpoint." if wer else "")
     return render_card("converted.md", dict(

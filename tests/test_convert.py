@@ -5,6 +5,7 @@ bad input."""
 import copy
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -303,11 +304,11 @@ def test_checkpoint_with_an_omegaconf_cfg_loads(tmp_path):
 
 def test_converted_card_example_runs_as_written_in_plain_transformers(tmp_path):
     """The converted fine-tuned model's card: its usage block, as written (it names the output folder when nothing
-    is pushed), runs where this package cannot be imported, on a 16 kHz file, and prints the greedy transcript."""
+    is pushed), runs where this package cannot be imported, on an 8 kHz FSDD file (the block down-mixes and
+    resamples), and prints the greedy transcript of the 16 kHz audio."""
     import re
 
     import soundfile as sf
-    from conftest import demo_unlabeled_paths, run_without_package
     from transformers import AutoModelForCTC, AutoProcessor
 
     out = tmp_path / "out"
@@ -315,14 +316,32 @@ def test_converted_card_example_runs_as_written_in_plain_transformers(tmp_path):
     card = (out / "README.md").read_text()
     (block,) = re.findall(r"```python\n(.*?)```", card, re.S)
     assert str(out) in block and "path/to/converted" not in block
-    audio, rate = sf.read(demo_unlabeled_paths()[0], dtype="float32")
-    assert rate == 16000
-    sf.write(tmp_path / "speech.flac", audio[:32000], rate)
+    from data2vec_aqc_hf.audio import load_audio
+
+    eight_khz = ROOT / "data/demo/audio/fsdd/lucas/5_lucas_1.flac"
+    assert sf.info(eight_khz).samplerate == 8000
+    shutil.copy(eight_khz, tmp_path / "speech.flac")
     printed = run_without_package(block, tmp_path).strip()
     model, processor = AutoModelForCTC.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+    audio = load_audio(eight_khz)  # the package's loader: mono, 16 kHz
     with torch.no_grad():
-        ids = model(**processor(audio[:32000], sampling_rate=16000, return_tensors="pt")).logits.argmax(-1)
+        ids = model(**processor(audio, sampling_rate=16000, return_tensors="pt")).logits.argmax(-1)
     assert printed == processor.batch_decode(ids)[0].strip()
+
+
+def test_converted_pretraining_card_example_runs_in_plain_transformers(tmp_path):
+    """The converted pretraining model's card block runs where this package cannot be imported (the folder
+    carries the model code; no `pip install` of a package that is not on PyPI), giving the student's embeddings."""
+    import re
+
+
+    out = tmp_path / "out"
+    assert main([str(FIXTURES / "aqc_tiny_pretrain.pt"), str(out)]) == 0
+    (block,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
+    assert "pip install" not in block and str(out) in block
+    hidden = json.loads((out / "config.json").read_text())["hidden_size"]
+    printed = run_without_package(block, tmp_path).strip().splitlines()[-1]
+    assert printed.startswith("(1, ") and printed.endswith(f", {hidden})"), printed
 
 
 def test_release_numbers_only_for_a_file_with_the_release_contents():
