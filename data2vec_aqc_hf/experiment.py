@@ -116,7 +116,7 @@ class ExperimentArguments:
         "help": "Freeze the CNN when fine-tuning pretrained models (scratch always trains it)."})
     freeze_transformer_steps: int = field(default=0, metadata={
         "help": "Train only the CNN and lm_head for the first updates of every fine-tuning (fairseq's "
-                "freeze_finetune_updates; the paper freezes half the run)."})
+                "freeze_finetune_updates; fairseq's 10 h config freezes half the run, its 100 h config none)."})
     mask_time_prob: float = field(default=0.05, metadata={
         "help": "Fine-tuning time masking: about this share of frames masked, in spans of --mask_time_length "
                 "(no forced spans: a spoken digit is 10-60 frames)."})

@@ -474,18 +474,18 @@ class FinetuneArguments:
     eval_speaker_fraction: float = field(default=0.2, metadata={"help": 'Share of speakers held out for evaluation when --eval_speakers is not given.'})
     lowercase: bool = field(default=False, metadata={"help": 'Lower-case the transcripts (default: upper case, as LibriSpeech).'})
     chars_to_ignore_regex: str = field(default=DEFAULT_CHARS_TO_REMOVE, metadata={"help": 'Characters removed from transcripts before building the vocabulary.'})
-    freeze_transformer_steps: int = field(default=0, metadata={"help": "Keep the transformer frozen this long."})
+    freeze_transformer_steps: int = field(default=0, metadata={"help": "Train only the CNN (if not frozen) and lm_head for this many first updates (fairseq's freeze_finetune_updates: 10000 of 20000 for 10 h, 0 for 100 h)."})
     freeze_feature_encoder: str = field(default="auto", metadata={
         "help": "Keep the CNN feature encoder frozen: true (the paper's recipe for a pretrained CNN), false, or auto "
                 "(default: frozen when its weights were loaded from the checkpoint, trained when it starts random)."})
-    mask_time_prob: float = field(default=0.5, metadata={"help": "SpecAugment time masking: share of frames starting a span (paper's fine-tuning: 0.5 for 100 h; use ~0.05 on short clips)."})
+    mask_time_prob: float = field(default=0.5, metadata={"help": "SpecAugment time masking: share of frames starting a span (the authors' fairseq fine-tuning configs, 10 h and 100 h: 0.65; use ~0.05 on short clips)."})
     mask_time_length: int = field(default=10, metadata={"help": 'Frames per time-mask span (paper: 10).'})
     mask_time_min_masks: int = field(default=0, metadata={
         "help": "Spans every utterance gets whatever mask_time_prob says (transformers' default 2 hides 50-80 %% of "
                 "a short clip); the real masked fraction on the training set is logged."})
-    mask_feature_prob: float = field(default=0.25, metadata={"help": 'Channel masking probability (paper: 0.25 for 100 h).'})
+    mask_feature_prob: float = field(default=0.25, metadata={"help": 'Channel masking probability (fairseq configs, 10 h and 100 h: 0.5).'})
     mask_feature_length: int = field(default=64, metadata={"help": 'Channels per channel-mask span (paper: 64).'})
-    layerdrop: float = field(default=0.05, metadata={"help": 'Probability of skipping a transformer layer in training (paper: 0.05 for 100 h).'})
+    layerdrop: float = field(default=0.05, metadata={"help": 'Probability of skipping a transformer layer in training (fairseq configs: 0.05 for 10 h, 0.1 for 100 h).'})
     speed_perturbation: float = field(default=0.0, metadata={
         "help": "Play each training clip at a random speed in [1 - s, 1 + s] (tempo and pitch; evaluation audio is "
                 "never changed). 0 (default, the paper's recipe) is off; ~0.15 helps a corpus of few speakers."})

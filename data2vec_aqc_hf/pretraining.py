@@ -116,7 +116,7 @@ class PretrainingArguments:
                 "set in --config_overrides are kept as given); a loaded "
                 "--model_name_or_path keeps the schedules saved in its config. See Data2VecAQCConfig.scale_schedules_to."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per optimizer update (to reach the paper's batch on fewer GPUs)."})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (the teacher stays fp32)."})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (the teacher stays fp32; the authors' fairseq runs: fp16)."})
     torch_compile: bool = field(default=False, metadata={
         "help": "Compile the step's forward and loss whole with torch.compile(fullgraph=True). The step's random draws "
                 "are made outside the compiled graph, so the losses are the eager step's for the same seed (within "

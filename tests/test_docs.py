@@ -109,6 +109,10 @@ def test_finetune_help_tells_what_our_script_does_with_trainer_options():
     assert "'latest'" in helps["resume_from_checkpoint"] and "checkpoint-N" in helps["resume_from_checkpoint"]
     assert "Not directly used by Trainer" not in helps["resume_from_checkpoint"]
     assert "tensorboard" in helps["report_to"]
+    help_text = parser.format_help()  # ours first, transformers' ~150 options after them in their own group
+    text = help_text[help_text.index("\n\n"):]  # after the usage lines, which list every flag
+    assert text.index("--train_manifest") < text.index("Trainer options (transformers.TrainingArguments)") \
+        < text.index("--per_device_train_batch_size")
 
 
 def test_a_built_wheel_carries_the_card_templates(tmp_path):
