@@ -137,7 +137,9 @@ class CTCDataset(torch.utils.data.Dataset):
                  chars_to_remove=DEFAULT_CHARS_TO_REMOVE, frame_config=None):
         self.examples, self.skipped = [], []
         vocab = processor.tokenizer.get_vocab()
+        progress = evaluation_progress(len(rows) if hasattr(rows, "__len__") else 0, "reading and checking audio")
         for row in rows:
+            progress.update(1)
             name = _name(row)
             text = normalize_text(row["text"] or "", lowercase, chars_to_remove)
             if not text:
@@ -159,6 +161,7 @@ class CTCDataset(torch.utils.data.Dataset):
                 continue
             self.examples.append({"input_values": audio, "labels": labels, "text": text,
                                   "speaker_id": row.get("speaker_id", "unknown"), "name": name})
+        progress.close()
 
     def _skip(self, name, reason):
         self.skipped.append((name, reason))

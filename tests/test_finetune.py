@@ -358,3 +358,19 @@ def test_evaluation_shows_a_progress_bar_with_the_time_left(random_ctc_dir, caps
     assert "<" in err  # tqdm's elapsed<left
     transcribe_arrays(model, processor, clips[:4])
     assert "transcribing" not in capsys.readouterr().err
+
+
+def test_reading_a_labelled_corpus_shows_a_progress_bar(random_ctc_dir, capsys):
+    """CTCDataset reads every file up front (fine-tuning and evaluate_asr): for many files a bar says so, with
+    the time left, instead of minutes of silence; a handful show none."""
+    from transformers import AutoProcessor
+
+    from data2vec_aqc_hf.finetuning import PROGRESS_MIN_CLIPS, read_manifest
+
+    processor = AutoProcessor.from_pretrained(random_ctc_dir)
+    rows = read_manifest(DEMO / "metadata.csv")[:PROGRESS_MIN_CLIPS]
+    data = CTCDataset(rows, processor)
+    err = capsys.readouterr().err
+    assert len(data) > 0 and "reading and checking audio" in err and f"{len(rows)}/{len(rows)}" in err, err
+    CTCDataset(rows[:4], processor)
+    assert "reading and checking audio" not in capsys.readouterr().err
