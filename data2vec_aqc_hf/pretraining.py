@@ -304,8 +304,25 @@ def advance_scheduler(scheduler, steps: int) -> None:
             scheduler.step()
 
 
+def feature_extractor() -> Wav2Vec2FeatureExtractor:
+    """The feature extractor every saved model folder carries: 16 kHz, zero mean and unit variance per utterance."""
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLING_RATE, padding_value=0.0,
+                                    do_normalize=True, return_attention_mask=True)
+
+
+def write_model_files(model, folder: Path) -> None:
+    """config.json (with `auto_map`), the model code and the feature extractor, so that a checkpoint folder is
+    also a model folder: `from_pretrained` (also `trust_remote_code` without this package, e.g. from a pushed
+    `checkpoints/checkpoint-N`) reads accelerate's `model.safetensors`, whose keys are `save_pretrained`'s."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    custom_object_save(model, folder, config=model.config)
+    model.config.save_pretrained(folder)
+    feature_extractor().save_pretrained(folder)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int, state: TrainingState,
-                    needed_bytes: int = 0) -> Path:
+                    needed_bytes: int = 0, model=None) -> Path:
     """`accelerator.save_state` into a temporary folder renamed into place when complete, so an interrupted or
     failed save never replaces or corrupts the previous checkpoint; only then are the oldest beyond `keep` removed.
     A failed write (disk full: torch says only "basic_ios::clear") raises `CheckpointWriteError` naming the path,
@@ -322,6 +339,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, keep: int, 
         accelerator.save_state(str(tmp))
         # each rank's own step generator and data position (accelerate saves registered objects from rank 0 only)
         torch.save(state.state_dict(), rank_state_file(tmp, accelerator.process_index))
+        if model is not None and accelerator.is_main_process:
+            write_model_files(model, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replace_folder(tmp, final)
@@ -680,7 +699,7 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
                         logger.warning(warning)
             if state.step % args.save_steps == 0 or state.step == stop_at or epochs_done:
                 path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit, state,
-                                       checkpoint_bytes)
+                                       checkpoint_bytes, unwrapped)
                 saved_step = state.step
                 if args.push_to_hub and args.push_checkpoints and accelerator.is_main_process:
                     from .hub import push_folder
@@ -702,7 +721,8 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
     progress.close()
     skip_report.end_epoch(state.epoch)  # the part of an epoch a run ended in (nothing if it was reported)
     if stopped:
-        stop_message = stop_with_checkpoint(accelerator, args, output_dir, state, saved_step, stops, checkpoint_bytes)
+        stop_message = stop_with_checkpoint(accelerator, args, output_dir, state, saved_step, stops, checkpoint_bytes,
+                                            unwrapped)
     elapsed = time.time() - start_time
     accelerator.wait_for_everyone()
     summary = {
@@ -728,11 +748,13 @@ def train(args: PretrainingArguments, model, accelerator: Accelerator, vote: Ran
 
 
 def stop_with_checkpoint(accelerator: Accelerator, args: PretrainingArguments, output_dir: Path,
-                         state: TrainingState, saved_step: int, stops: StopRequests, checkpoint_bytes: int) -> str:
+                         state: TrainingState, saved_step: int, stops: StopRequests, checkpoint_bytes: int,
+                         model=None) -> str:
     """On a stop request (every rank agreed, at an update boundary): write the checkpoint of this step unless the
     newest one already is; returns the message saying where the run can continue."""
     if state.step > saved_step:
-        path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit, state, checkpoint_bytes)
+        path = save_checkpoint(accelerator, output_dir, state.step, args.save_total_limit, state, checkpoint_bytes,
+                               model)
     elif state.step > 0:
         path = Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.step}"
     else:
@@ -750,8 +772,7 @@ def finish(model, args, summary, history, output_dir: Path, description: str, ne
     with explained_write_errors("the final model", output_dir / "model.safetensors", needed_bytes,
                                 kept=list_checkpoints(output_dir)[-1:]):
         model.save_pretrained(output_dir, safe_serialization=True)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLING_RATE, padding_value=0.0,
-                             do_normalize=True, return_attention_mask=True).save_pretrained(output_dir)
+    feature_extractor().save_pretrained(output_dir)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if history:
         plot_history(history, output_dir / "loss.png", f"{model.config.objective} pretraining: {description}")

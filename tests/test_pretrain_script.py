@@ -169,3 +169,16 @@ def test_push_to_hub_with_only_the_network_replaced(tmp_path, monkeypatch):
     code = block.replace("me/aqc-tiny", str(tmp_path)) + "\nprint(model.config.vocab_size, type(model).__name__)\n"
     printed = run_without_package(code, tmp_path).split("\n")
     assert printed[0].startswith("(1, ") and printed[1] == "32 Data2VecAQCForCTC", printed
+    # a pushed checkpoint folder is a model folder too (config + auto_map + code + feature extractor beside
+    # accelerate's weights): plain transformers loads it with remote code, with the weights of that update
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    assert {"config.json", "preprocessor_config.json", "modeling_data2vec_aqc.py"} <= set(uploads[0][3])
+    code = (f"import torch\nfrom transformers import AutoModelForPreTraining\n"
+            f"m = AutoModelForPreTraining.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)\n"
+            f"print(type(m).__name__, float(sum(p.double().sum() for p in m.state_dict().values())))\n")
+    name, total = run_without_package(code, tmp_path).strip().splitlines()[-1].split()
+    from safetensors.torch import load_file
+
+    weights = load_file(checkpoint / "model.safetensors")
+    assert name == "Data2VecAQCForPreTraining"
+    assert float(total) == pytest.approx(float(sum(t.double().sum() for t in weights.values())), rel=1e-9)
