@@ -374,3 +374,31 @@ def test_reading_a_labelled_corpus_shows_a_progress_bar(random_ctc_dir, capsys):
     assert len(data) > 0 and "reading and checking audio" in err and f"{len(rows)}/{len(rows)}" in err, err
     CTCDataset(rows[:4], processor)
     assert "reading and checking audio" not in capsys.readouterr().err
+
+
+def test_card_base_model_metadata_only_for_a_hub_id(tmp_path):
+    """`base_model:` (Hub metadata) is written for a Hub id, with a link to it; a local folder is named in the
+    text only; no initialisation gives no base model."""
+    from data2vec_aqc_hf.finetuning import card_base_model
+
+    hub = card_base_model("someone/aqc-base", None)
+    assert hub["base_model_line"] == "base_model: someone/aqc-base\n"
+    assert "(https://huggingface.co/someone/aqc-base)" in hub["base_model_text"]
+    (tmp_path / "my-pretrain").mkdir()
+    local = card_base_model(str(tmp_path / "my-pretrain"), None)
+    assert local["base_model_line"] == "" and str(tmp_path) not in local["base_model_text"]
+    assert "`my-pretrain`" in local["base_model_text"]
+    scratch = card_base_model(None, "small")
+    assert scratch["base_model_line"] == "" and "preset `small`" in scratch["base_model_text"]
+
+
+def test_card_templates_have_no_placeholder_links():
+    """Every link in the card templates points somewhere (no bare `https://github.com/` or empty targets)."""
+    import re
+
+    for template in sorted((ROOT / "model_cards").glob("*.md")):
+        text = template.read_text()
+        for url in re.findall(r"\]\(([^)]*)\)", text):
+            assert url and url.rstrip("/") not in ("https://github.com", "https://huggingface.co", "#"), \
+                f"{template.name}: placeholder link {url!r}"
+            assert url.startswith(("https://", "$")), f"{template.name}: link {url!r}"
