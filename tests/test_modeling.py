@@ -449,7 +449,8 @@ def test_backbone_is_weight_compatible_with_stock_model(speech_batch):
 
 def test_every_auto_class_loads_our_checkpoints_with_remote_code_only(tmp_path):
     """Without this package: AutoModel (embeddings), AutoModelForCTC (start of fine-tuning) and
-    AutoModelForPreTraining load a pretraining checkpoint; AutoModel loads a CTC checkpoint."""
+    AutoModelForPreTraining load a pretraining checkpoint; AutoConfig, AutoModel, AutoModelForCTC and
+    AutoModelForPreTraining (a fresh head) a CTC checkpoint."""
     pre = Data2VecAQCForPreTraining(tiny_config())
     pre.save_pretrained(tmp_path / "pre")
     Data2VecAQCForCTC(tiny_config(vocab_size=9)).save_pretrained(tmp_path / "ctc")
@@ -457,17 +458,24 @@ def test_every_auto_class_loads_our_checkpoints_with_remote_code_only(tmp_path):
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForCTC"}
     out = run_without_package(f"""
         import torch
-        from transformers import AutoModel, AutoModelForCTC, AutoModelForPreTraining
+        from transformers import AutoConfig, AutoModel, AutoModelForCTC, AutoModelForPreTraining
         pre, ctc = {str(tmp_path / 'pre')!r}, {str(tmp_path / 'ctc')!r}
         x = torch.randn(1, 4000)
         for cls, path, kw in [(AutoModel, pre, {{}}), (AutoModelForCTC, pre, {{"vocab_size": 12}}),
-                              (AutoModelForPreTraining, pre, {{}}), (AutoModel, ctc, {{}})]:
+                              (AutoModelForPreTraining, pre, {{}}), (AutoModel, ctc, {{}}), (AutoModelForCTC, ctc, {{}}),
+                              (AutoModelForPreTraining, ctc, {{}})]:
             m = cls.from_pretrained(path, trust_remote_code=True, **kw).eval()
             print("LOADED", cls.__name__, type(m).__name__, type(m).__module__.startswith("transformers_modules"))
+        for path in (pre, ctc):
+            c = AutoConfig.from_pretrained(path, trust_remote_code=True)
+            print("CONFIG", type(c).__name__, type(c).__module__.startswith("transformers_modules"))
         print("HIDDEN", tuple(AutoModel.from_pretrained(pre, trust_remote_code=True)(x).last_hidden_state.shape))
     """, tmp_path)
     loaded = [line.split()[1:] for line in out.splitlines() if line.startswith("LOADED")]
     assert loaded == [["AutoModel", "Data2VecAQCModel", "True"], ["AutoModelForCTC", "Data2VecAQCForCTC", "True"],
                       ["AutoModelForPreTraining", "Data2VecAQCForPreTraining", "True"],
-                      ["AutoModel", "Data2VecAQCModel", "True"]], out
+                      ["AutoModel", "Data2VecAQCModel", "True"], ["AutoModelForCTC", "Data2VecAQCForCTC", "True"],
+                      ["AutoModelForPreTraining", "Data2VecAQCForPreTraining", "True"]], out
+    assert [line.split()[1:] for line in out.splitlines() if line.startswith("CONFIG")] == \
+        [["Data2VecAQCConfig", "True"]] * 2, out
     assert "HIDDEN (1, 12, 64)" in out
