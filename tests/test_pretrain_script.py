@@ -182,3 +182,34 @@ def test_push_to_hub_with_only_the_network_replaced(tmp_path, monkeypatch):
     weights = load_file(checkpoint / "model.safetensors")
     assert name == "Data2VecAQCForPreTraining"
     assert float(total) == pytest.approx(float(sum(t.double().sum() for t in weights.values())), rel=1e-9)
+
+
+def test_pretraining_names_skipped_clips_once_and_sums_each_epoch(tmp_path, caplog):
+    """A pretraining run with dataloader workers (recreated every epoch) over a folder with short clips: the first
+    five skipped files are named once for the whole run, then one line per epoch gives that epoch's counts."""
+    import logging
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+    from conftest import demo_unlabeled_paths
+
+    from data2vec_aqc_hf.pretraining import PretrainingArguments, run_pretraining
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, path in enumerate(demo_unlabeled_paths()[:3]):
+        shutil.copy(path, data / f"good{i}.flac")
+    for i in range(7):
+        sf.write(data / f"short{i}.wav", np.random.default_rng(i).standard_normal(800).astype(np.float32), 16000)
+    args = PretrainingArguments(output_dir=str(tmp_path / "out"), model_preset="tiny", train_data=str(data),
+                                num_train_epochs=3, dataloader_num_workers=2, max_duration_in_seconds=2,
+                                max_batch_duration_in_seconds=4, report_to="none")
+    with caplog.at_level(logging.WARNING, logger="data2vec_aqc_hf"):
+        summary = run_pretraining(args)
+    lines = [r.getMessage() for r in caplog.records]
+    named = [line for line in lines if line.startswith("skipping") and "short" in line]
+    assert len(named) == 5 and len(set(named)) == 5, lines
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert epochs == [f"epoch {e}: 7 clip(s) skipped (7 distinct file(s)), 3 loaded" for e in range(3)], lines
+    assert summary["data"]["skipped"] == 21 and summary["epochs_completed"] == 3
