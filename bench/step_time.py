@@ -15,7 +15,8 @@ Each contender does the full optimizer step the way its training script does it,
 * `d2v-aqc-eff`, `d2v-plain-eff`: the same two with `efficient_mode=True` (data2vec 2.0: the student encodes only
   unmasked frames of `num_clones` masked clones per utterance, one teacher pass per utterance, a conv decoder).
 * `backbone`: a stock `Data2VecAudioModel` forward + backward of the student alone: the floor any method pays.
-Prints ms/step, audio-seconds per second, student views per second (a view = one masked student copy of one
+Prints ms/step, audio-seconds per second, achieved GFLOP/s (torch's FlopCounterMode count of one eager step:
+matmuls and convolutions), student views per second (a view = one masked student copy of one
 utterance: `batch` per step in the standard mode, `batch x num_clones` in the efficient mode) and ratios against
 `w2v2-hf` and, for the efficient contenders, the views/s ratio against their standard mode, all measured in this run;
 writes JSON and a PNG. The contenders' steps are interleaved (one step of each in turn, `--steps` rounds), so a
@@ -83,6 +84,19 @@ def time_steps_interleaved(steps: dict, rounds: int, warmup: int, device) -> dic
             sync(device)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def count_flops(steps: dict) -> dict[str, int]:
+    """FLOPs of one step of each (eager) contender, forward + backward + optimizer, by torch's FlopCounterMode
+    (matmuls and convolutions; elementwise work is not counted). One extra, untimed step each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for name, step in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            step()
+        counts[name] = counter.get_total_flops()
+    return counts
 
 
 def ours_step(config: Data2VecAQCConfig, x, mask, device, autocast, compiled: bool = False):
@@ -227,11 +241,15 @@ def main(argv=None):
     steps, params = {}, {}
     for name, (build, _, _) in contenders.items():
         steps[name], params[name] = build()
+    flops = count_flops({name: step for name, step in steps.items() if not name.endswith("+compile")})
     times = time_steps_interleaved(steps, args.steps, args.warmup, device)
     results = {}
     for name, (_, views, _) in contenders.items():
         median = statistics.median(times[name])
+        step_flops = flops.get(name.removesuffix("+compile"))  # compiling does not change the arithmetic
         results[name] = {"ms_per_step": 1000 * median, "ms_min": 1000 * min(times[name]),
+                         "gflop_per_step": step_flops / 1e9 if step_flops else None,
+                         "achieved_gflop_s": step_flops / 1e9 / median if step_flops else None,
                          "audio_s_per_s": audio_seconds / median, "views_per_step": views,
                          "views_per_s": views / median, "params": params[name],
                          "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
@@ -242,7 +260,8 @@ def main(argv=None):
           f"median of {args.steps} interleaved rounds after {args.warmup} warm-up, {clones} clones in efficient mode")
     compiled_base = results["w2v2-hf+compile"]["ms_per_step"] if "w2v2-hf+compile" in results else None
     print(f"{'':22s} {'ms/step':>9s} {'audio s/s':>10s} {'views/s':>8s} {'x w2v2-hf time':>15s} "
-          + (f"{'x w2v2+compile':>15s} " if compiled_base else "") + f"{'views/s vs std':>15s} {'params':>12s}")
+          + (f"{'x w2v2+compile':>15s} " if compiled_base else "") + f"{'views/s vs std':>15s} {'params':>12s} "
+          f"{'GFLOP/step':>11s} {'GFLOP/s':>8s}")
     for key, r in results.items():
         r["time_ratio_vs_w2v2_hf"] = r["ms_per_step"] / base if base else None
         r["time_ratio_vs_w2v2_hf_compiled"] = r["ms_per_step"] / compiled_base if compiled_base else None
@@ -254,7 +273,8 @@ def main(argv=None):
         views_ratio = (f"{r['views_ratio_vs_standard']:15.2f}" if r["views_ratio_vs_standard"] is not None
                        else f"{'-':>15s}")
         print(f"{key:22s} {r['ms_per_step']:9.1f} {r['audio_s_per_s']:10.1f} {r['views_per_s']:8.2f} {time_ratio} "
-              f"{compiled_ratio}{views_ratio} {r['params']:12,d}")
+              f"{compiled_ratio}{views_ratio} {r['params']:12,d} {r['gflop_per_step'] or 0:11.1f} "
+              f"{r['achieved_gflop_s'] or 0:8.1f}")
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
