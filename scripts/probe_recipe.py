@@ -43,6 +43,7 @@ def main():
     p.add_argument("--freeze_cnn", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freeze_transformer_steps", type=int, default=0)
+    p.add_argument("--config_overrides", default="{}", help="JSON of config fields for a scratch model (--init none)")
     p.add_argument("--reinit_top_layers", type=int, default=0,
                    help="re-initialise the top N transformer layers of a pretrained --init before fine-tuning")
     p.add_argument("--threads", type=int, default=1)
@@ -66,9 +67,9 @@ def main():
     dev = data.subset(lambda e: e["speaker_id"] == a.dev_speaker)
     dev = low_resource_subset(dev, 200, 0)
     set_seed(a.seed)
-    overrides = {}
+    overrides = json.loads(a.config_overrides)
     if a.dropout is not None:
-        overrides = dict(hidden_dropout=a.dropout, attention_dropout=a.dropout, activation_dropout=a.dropout,
+        overrides |= dict(hidden_dropout=a.dropout, attention_dropout=a.dropout, activation_dropout=a.dropout,
                          feat_proj_dropout=a.dropout)
     model = load_ctc_model(None if a.init == "none" else a.init, processor, mask_time_prob=a.mask_time_prob,
                            mask_time_length=a.mask_time_length, mask_time_min_masks=0,
