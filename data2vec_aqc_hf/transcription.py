@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     if args.output and not Path(args.output).resolve().parent.is_dir():  # said now, not after loading the model
         parser.error(f"--output {args.output}: the folder {Path(args.output).resolve().parent} does not exist")
     if args.lm and not Path(args.lm).is_file():
-        parser.error(f"--lm {args.lm}: no such file")
+        parser.error(f"--lm {args.lm}: language model file not found")
     problem = pretraining_checkpoint_error(args.model)
     if problem:
         parser.error(problem)

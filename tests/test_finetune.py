@@ -229,7 +229,7 @@ def test_transcribe_cli_errors_and_exit_codes(tmp_path, random_ctc_dir, capsys):
     assert exit_info.value.code == 2 and "nope.wav" in capsys.readouterr().err
     real = str(DEMO / "audio/fsdd/lucas/5_lucas_1.flac")
     for flags, said in ((["--output", str(tmp_path / "no/such/dir/out.jsonl")], "does not exist"),
-                        (["--lm", str(tmp_path / "missing.arpa")], "missing.arpa: no such file")):
+                        (["--lm", str(tmp_path / "missing.arpa")], "missing.arpa: language model file not found")):
         with pytest.raises(SystemExit) as exit_info:  # before the (here nonexistent) model is loaded
             main(["/nonexistent/model", real, *flags])
         assert exit_info.value.code == 2 and said in capsys.readouterr().err

@@ -626,7 +626,7 @@ def test_constant_files_and_silent_crops_are_skipped_and_counted_not_trained_on(
     import soundfile as sf
 
     from data2vec_aqc_hf.audio import AudioError, load_audio
-    from data2vec_aqc_hf.data import DataStats, PretrainingStream, iterate_batches, local_items
+    from data2vec_aqc_hf.data import DataStats, PretrainingStream, SkipReport, iterate_batches, local_items
 
     sf.write(tmp_path / "offset.wav", np.full(32000, 0.25, dtype=np.float32), 16000)
     tail = np.zeros(16000 * 8, dtype=np.float32)
@@ -636,10 +636,11 @@ def test_constant_files_and_silent_crops_are_skipped_and_counted_not_trained_on(
         load_audio(tmp_path / "offset.wav")
     stream = PretrainingStream(local_items(tmp_path), min_samples=8000, max_samples=16000, max_batch_samples=16000)
     stats, batches = DataStats(), []
+    report = SkipReport(max_listed=100)  # names skipped files, as pretraining's main process does
     with caplog.at_level("WARNING"):
         for epoch in range(6):
             stream.set_epoch(epoch)
-            batches += list(iterate_batches(stream, stats))
+            batches += list(iterate_batches(stream, stats, report))
     silent_crops = [r for n, r in stats.skipped if "random crop of it is silent" in r]
     assert silent_crops and stats.loaded == len(batches) and len(stats.skipped) == 6 + len(silent_crops)
     assert all(float(b["input_values"].std()) > 0.5 for b in batches)
