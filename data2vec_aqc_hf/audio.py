@@ -154,3 +154,18 @@ def load_audio_example(example: dict, audio_column: str = "audio", target_sr: in
         if value.get("path"):
             return load_audio(value["path"], target_sr, min_samples, channel=channel)
     raise AudioError(f"column {audio_column!r}: unsupported audio value of type {type(value).__name__}")
+
+
+def feature_extractor(do_normalize: bool = True):
+    """The feature extractor every saved model folder carries: 16 kHz mono, zero mean and unit variance per
+    utterance (`do_normalize`), with an attention mask."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLING_RATE, padding_value=0.0,
+                                    do_normalize=do_normalize, return_attention_mask=True)
+
+
+def with_file_name(name, reason: str) -> str:
+    """`reason`, prefixed with the file's name unless it already names it (AudioError messages do)."""
+    return reason if name and str(name) in reason else f"{name}: {reason}"
+

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .audio import feature_extractor
 from .configuration_data2vec_aqc import Data2VecAQCConfig
 from .fairseq_io import FairseqCheckpointError, load_fairseq_checkpoint
 
@@ -387,15 +388,13 @@ def convert_finetuned(state: dict, symbols: list[str] | None, path="checkpoint")
 
 
 def _processor(vocab: dict[str, int], directory: Path, do_normalize: bool):
-    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1))
     tokenizer = Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
                                      bos_token="<s>", eos_token="</s>", word_delimiter_token="|", do_lower_case=False)
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
-                                         do_normalize=do_normalize, return_attention_mask=True)
-    return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    return Wav2Vec2Processor(feature_extractor=feature_extractor(do_normalize), tokenizer=tokenizer)
 
 
 def checkpoint_kind(state: dict, path="checkpoint") -> str:
@@ -424,10 +423,7 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, dict_path
     if kind == "pretraining":
         model, notes = convert_pretraining(state, checkpoint)
         model.save_pretrained(output_dir)
-        from transformers import Wav2Vec2FeatureExtractor
-
-        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                 return_attention_mask=True).save_pretrained(output_dir)
+        feature_extractor().save_pretrained(output_dir)
         summary.update(objective=model.config.objective, notes=notes)
     else:
         if dict_path is not None:

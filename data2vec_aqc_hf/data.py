@@ -26,6 +26,7 @@ from .audio import (
     load_audio_example,
     resampled_length,
     window_start,
+    with_file_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -352,7 +353,7 @@ class SkipReport:
                 continue
             if len(self.named) < self.max_listed:
                 self.named.add(name)
-                logger.warning("%sskipping %s", self.prefix, reason if name and str(name) in reason else f"{name}: {reason}")
+                logger.warning("%sskipping %s", self.prefix, with_file_name(name, reason))
             elif not self.said_more:
                 self.said_more = True
                 logger.warning("%smore files are skipped (counted in the summary, not listed)", self.prefix)

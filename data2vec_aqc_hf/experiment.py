@@ -316,9 +316,9 @@ def run_commands(commands: list[tuple[str, list[str]]], jobs: int, log_dir: Path
 def pooled_hidden_states(model, arrays: list[np.ndarray]) -> torch.Tensor:
     """Time-averaged hidden states of every layer (the input to the first transformer layer, then each layer's
     output) of a `Data2VecAudioModel` for each 16 kHz array, one clip at a time: `(clips, layers + 1, hidden)`."""
-    from transformers import Wav2Vec2FeatureExtractor
+    from .audio import feature_extractor
 
-    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    extractor = feature_extractor()
     pooled = []
     model.eval()
     with torch.no_grad():

@@ -21,12 +21,11 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
     Wav2Vec2CTCTokenizer,
-    Wav2Vec2FeatureExtractor,
     Wav2Vec2Processor,
     set_seed,
 )
 
-from .audio import TARGET_SAMPLING_RATE, AudioError, load_audio_example
+from .audio import TARGET_SAMPLING_RATE, AudioError, feature_extractor, load_audio_example, with_file_name
 from .metrics import load_metric, wer_cer
 
 logger = logging.getLogger(__name__)
@@ -56,9 +55,7 @@ def make_processor(vocab: dict[str, int], directory: str | Path) -> Wav2Vec2Proc
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     tokenizer = Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), unk_token=UNK, pad_token=PAD,
                                      word_delimiter_token=WORD_DELIMITER)
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLING_RATE, padding_value=0.0,
-                                         do_normalize=True, return_attention_mask=True)
-    return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    return Wav2Vec2Processor(feature_extractor=feature_extractor(), tokenizer=tokenizer)
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -165,7 +162,7 @@ class CTCDataset(torch.utils.data.Dataset):
 
     def _skip(self, name, reason):
         self.skipped.append((name, reason))
-        logger.warning("skipping %s", reason if name in reason else f"{name}: {reason}")
+        logger.warning("skipping %s", with_file_name(name, reason))
 
     def __len__(self):
         return len(self.examples)

@@ -25,9 +25,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import Wav2Vec2FeatureExtractor
 
-from .audio import TARGET_SAMPLING_RATE
+from .audio import TARGET_SAMPLING_RATE, feature_extractor
 from .configuration_data2vec_aqc import SCHEDULE_FIELDS, Data2VecAQCConfig
 from .data import (
     DataStats,
@@ -302,12 +301,6 @@ def advance_scheduler(scheduler, steps: int) -> None:
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
         for _ in range(steps):
             scheduler.step()
-
-
-def feature_extractor() -> Wav2Vec2FeatureExtractor:
-    """The feature extractor every saved model folder carries: 16 kHz, zero mean and unit variance per utterance."""
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLING_RATE, padding_value=0.0,
-                                    do_normalize=True, return_attention_mask=True)
 
 
 def write_model_files(model, folder: Path) -> None:
