@@ -45,6 +45,8 @@ AQC_ONLY_FIELDS = (
     "min_gumbel_temperature",
     "gumbel_temperature_decay",
     "quantizer_init_std",
+    "variance_loss_weight",
+    "covariance_loss_weight",
     "contrastive_logits_temperature",
     "num_negatives",
     "student_contrastive_weight",
@@ -141,6 +143,14 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
         cluster_scale_factor (`float`, 0.3): a negative in its positive's cluster has its logit multiplied by this.
         cluster_iterations (`int`, 10): **(choice)** Lloyd iterations of the on-device k-means (the reference
             iterates to a tolerance; a fixed count keeps the step free of host synchronisation).
+
+    Anti-collapse regularisation (**not part of the method**; off by default, an experiment of the learning issue):
+        variance_loss_weight (`float`, 0.0), covariance_loss_weight (`float`, 0.0): weights of VICReg's variance and
+            covariance terms (`contrastive.variance_covariance_terms`; Bardes et al. 2022) of the student's last
+            hidden state over the batch's valid frames, added to the loss. At CPU scale every objective collapsed
+            the encoder's effective rank from ~100 to ~3 within ~50 updates (docs/LEARNING_NOTES.md); these terms
+            penalise exactly that. VICReg's own weights are 25 (variance) and 1 (covariance) against its invariance
+            term. Standard mode only.
 
     data2vec 2.0 efficient mode (spec 8; Baevski et al. 2022, "Efficient self-supervised learning with contextualized
     target representations"; code in `efficient.py`). Off by default; the backbone and the exported CTC model are the
@@ -250,6 +260,9 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
     cluster_factor: int = 16
     cluster_scale_factor: float = 0.3
     cluster_iterations: int = 10
+    # anti-collapse regularisation (not part of the method; off)
+    variance_loss_weight: float | int = 0.0
+    covariance_loss_weight: float | int = 0.0
     # data2vec 2.0 efficient mode
     efficient_mode: bool = False
     num_clones: int = 8
@@ -282,10 +295,15 @@ class Data2VecAQCConfig(Data2VecAudioConfig):
         for name in ("aug_white_noise_prob", "aug_reverb_prob", "aug_background_prob", "aug_babble_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.variance_loss_weight < 0 or self.covariance_loss_weight < 0:
+            raise ValueError("variance_loss_weight and covariance_loss_weight must be >= 0")
         if self.efficient_mode:
             self._validate_efficient_mode()
 
     def _validate_efficient_mode(self) -> None:
+        if self.variance_loss_weight or self.covariance_loss_weight:
+            raise ValueError("variance_loss_weight / covariance_loss_weight apply to the standard mode only "
+                             "(efficient_mode=True has no student output at the masked frames)")
         if self.efficient_mask_kind not in EFFICIENT_MASK_KINDS:
             raise ValueError(f"efficient_mask_kind must be one of {EFFICIENT_MASK_KINDS}, "
                              f"got {self.efficient_mask_kind!r}")

@@ -163,6 +163,25 @@ def feature_penalty(features: torch.Tensor, frame_valid: torch.Tensor | None = N
     return (squared * frame_valid).sum() / frame_valid.sum().clamp(min=1)
 
 
+def variance_covariance_terms(hidden: torch.Tensor, frame_valid: torch.Tensor | None = None,
+                              eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms (Bardes, Ponce and LeCun 2022) of `hidden` `(batch, frames, dim)` over
+    its valid frames (`frame_valid` `(batch, frames)`, all when None), each frame one sample: variance = mean over
+    channels of relu(1 - sqrt(var + eps)) (zero once every channel has std >= 1), covariance = sum of the squared
+    off-diagonal entries of the channels' covariance matrix / dim (zero for decorrelated channels). Both are zero
+    for a representation that uses every direction, and grow as it collapses onto a few."""
+    rows = hidden.float().reshape(-1, hidden.shape[-1])
+    if frame_valid is not None:
+        rows = rows[frame_valid.reshape(-1).bool()]
+    count, dim = rows.shape
+    centred = rows - rows.mean(0)
+    variance = centred.square().sum(0) / max(count - 1, 1)
+    variance_term = torch.relu(1.0 - torch.sqrt(variance + eps)).mean()
+    covariance = centred.T @ centred / max(count - 1, 1)
+    off_diagonal = covariance - torch.diag(torch.diagonal(covariance))
+    return variance_term, off_diagonal.square().sum() / dim
+
+
 def weighted_aqc_terms(config, out, student_sum, teacher_sum, denominator, marginal, penalty, temperature):
     """Store the AQC loss terms on the output `out` (contrastive losses per masked frame, diversity loss, feature
     penalty, codebook perplexity, Gumbel temperature) and return their weighted sum (spec 6), which the regression

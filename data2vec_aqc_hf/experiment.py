@@ -68,6 +68,10 @@ ARMS = {
     "data2vec": ("data2vec", {}),
     "aqc-efficient": ("aqc", {"efficient_mode": True}),
     "data2vec-efficient": ("data2vec", {"efficient_mode": True}),
+    # not part of the method: VICReg's variance and covariance terms against the early rank collapse (issue 7)
+    "aqc-vicreg": ("aqc", {"variance_loss_weight": 1.0, "covariance_loss_weight": 0.04}),
+    "aqc-vicreg-strong": ("aqc", {"variance_loss_weight": 5.0, "covariance_loss_weight": 0.2}),
+    "data2vec-vicreg": ("data2vec", {"variance_loss_weight": 1.0, "covariance_loss_weight": 0.04}),
 }
 
 
@@ -743,8 +747,8 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
     for objective, info in report["pretraining"].items():
         final = info.get("final", {})
         keys = ["loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss", "target_std",
-                "prediction_std", "codebook_perplexity_0", "codebook_perplexity_1", "gumbel_temperature",
-                "ema_decay"]
+                "prediction_std", "representation_rank", "variance_loss", "covariance_loss", "codebook_perplexity_0",
+                "codebook_perplexity_1", "gumbel_temperature", "ema_decay"]
         lines.append(f"* `{objective}`: {info['steps']} updates, {info['hours_seen']:.2f} h of audio seen; final "
                      + ", ".join(f"{k} {final[k]:.3g}" for k in keys if k in final))
     for png in sorted((out / "pretrain").glob("*/loss.png")):
@@ -794,7 +798,7 @@ def target_lines(summary: dict, names: list[str]) -> list[str]:
             lines.append(f"* Low-resource, {init} vs scratch, >= 30 % relative: {100 * value:.1f} vs "
                          f"{100 * scratch:.1f} % = {100 * gain:+.0f} % -> {'met' if gain >= 0.30 else 'NOT met'}")
     for labels in summary:
-        for suffix in ("", "-efficient"):
+        for suffix in ("", "-efficient", "-vicreg"):
             aqc_arm, d2v_arm = "aqc" + suffix, "data2vec" + suffix
             aqc, d2v = mean(labels, aqc_arm), mean(labels, d2v_arm)
             if aqc is None or d2v is None:

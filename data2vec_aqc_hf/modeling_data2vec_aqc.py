@@ -46,6 +46,7 @@ from .contrastive import (
     contrastive_logits,
     contrastive_loss_sum,
     feature_penalty,
+    variance_covariance_terms,
     initial_centroid_rows,
     num_clusters_for,
     pooled_frame_weights,
@@ -251,6 +252,8 @@ class Data2VecAQCForPreTrainingOutput(ModelOutput):
         teacher_contrastive_loss: L_t summed over masked frames / N_masked (teacher vs augmented codes).
         diversity_loss: (G*V - perplexity) / (G*V) over the clean view's masked frames (the authors' code).
         feature_penalty: mean square of the clean view's CNN features (valid frames).
+        variance_loss / covariance_loss: VICReg's terms of the student's last hidden state over the valid frames
+            (only when `variance_loss_weight` / `covariance_loss_weight` is set; not part of the method).
         num_masked_frames: N_masked.
         target_std / prediction_std: std over masked frames per channel, averaged over channels (collapse -> 0).
         codebook_perplexity: perplexity of each codebook group `(G,)` (clean view, masked frames).
@@ -268,6 +271,8 @@ class Data2VecAQCForPreTrainingOutput(ModelOutput):
     teacher_contrastive_loss: torch.FloatTensor | None = None
     diversity_loss: torch.FloatTensor | None = None
     feature_penalty: torch.FloatTensor | None = None
+    variance_loss: torch.FloatTensor | None = None
+    covariance_loss: torch.FloatTensor | None = None
     num_masked_frames: torch.Tensor | None = None
     target_std: torch.FloatTensor | None = None
     prediction_std: torch.FloatTensor | None = None
@@ -586,6 +591,10 @@ class Data2VecAQCForPreTraining(Data2VecAQCPreTrainedModel):
                                         deterministic_quantizer, generator, denominator, gumbel_uniform,
                                         kmeans_init)
             loss = loss + aqc_loss
+        if config.variance_loss_weight or config.covariance_loss_weight:  # off by default: not part of the method
+            out.variance_loss, out.covariance_loss = variance_covariance_terms(student_out, frame_valid)
+            loss = (loss + config.variance_loss_weight * out.variance_loss
+                    + config.covariance_loss_weight * out.covariance_loss)
         out.loss = loss
         return out
 

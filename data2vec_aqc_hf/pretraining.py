@@ -397,8 +397,8 @@ def scalar_logs(out, lr: float) -> dict[str, float]:
     if out.last_hidden_state is not None:
         logs["representation_rank"] = effective_rank(out.last_hidden_state)
     for key in ("loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss", "diversity_loss",
-                "feature_penalty", "target_std", "prediction_std", "gumbel_temperature", "ema_decay",
-                "num_masked_frames"):
+                "feature_penalty", "variance_loss", "covariance_loss", "target_std", "prediction_std",
+                "gumbel_temperature", "ema_decay", "num_masked_frames"):
         value = getattr(out, key)
         if value is not None:
             logs[key] = float(value.detach()) if torch.is_tensor(value) else float(value)
@@ -410,7 +410,8 @@ def scalar_logs(out, lr: float) -> dict[str, float]:
 
 
 DIAGNOSTIC_PANELS = [
-    ("loss", ["loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss"]),
+    ("loss", ["loss", "regression_loss", "student_contrastive_loss", "teacher_contrastive_loss", "variance_loss",
+              "covariance_loss"]),
     ("std over masked frames (collapse -> 0)", ["target_std", "prediction_std"]),
     ("effective rank of the student's output (dimensional collapse -> few)", ["representation_rank"]),
     ("codebook perplexity per group", ["codebook_perplexity_0", "codebook_perplexity_1", "codebook_perplexity_2",

@@ -479,3 +479,48 @@ def test_every_auto_class_loads_our_checkpoints_with_remote_code_only(tmp_path):
     assert [line.split()[1:] for line in out.splitlines() if line.startswith("CONFIG")] == \
         [["Data2VecAQCConfig", "True"]] * 2, out
     assert "HIDDEN (1, 12, 64)" in out
+
+
+def test_variance_covariance_terms_hand_computed_and_padding_excluded():
+    from data2vec_aqc_hf.contrastive import variance_covariance_terms
+
+    # two valid frames (0, 0) and (1, 1), one padded frame of garbage: channel variance (unbiased) 0.5 each,
+    # std sqrt(0.5 + 1e-4); covariance between the channels 0.5, squared twice (both off-diagonal entries) / dim 2
+    hidden = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [50.0, -80.0]]])
+    valid = torch.tensor([[True, True, False]])
+    variance, covariance = variance_covariance_terms(hidden, valid)
+    assert abs(variance.item() - (1.0 - math.sqrt(0.5 + 1e-4))) < 1e-6
+    assert abs(covariance.item() - 0.25) < 1e-6
+    # decorrelated channels of std > 1: both terms vanish (the corners of a square of side 4)
+    square = torch.tensor([[[0.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 4.0]]])
+    variance, covariance = variance_covariance_terms(square)
+    assert variance.item() == 0.0 and abs(covariance.item()) < 1e-9
+    # a collapsed (rank-1) representation is penalised by both
+    collapsed = torch.randn(1, 64, 1) * torch.ones(1, 1, 8) * 0.3
+    variance, covariance = variance_covariance_terms(collapsed)
+    assert variance.item() > 0.5 and covariance.item() > 0.01
+
+
+def test_variance_covariance_weights_add_exactly_their_terms_to_the_loss(speech_batch):
+    """Off by default (not part of the method); with weights set, the loss grows by exactly the weighted terms of
+    the student's last hidden state, and the other loss terms of the same step are unchanged."""
+    from data2vec_aqc_hf.contrastive import variance_covariance_terms
+
+    x, mask = speech_batch
+    plain = Data2VecAQCForPreTraining(tiny_config()).train()
+    fixed = _fixed_inputs(plain, x, mask)
+    torch.manual_seed(0)
+    a = plain(x, mask, deterministic_quantizer=True, **fixed)
+    assert a.variance_loss is None and a.covariance_loss is None
+    regularised = Data2VecAQCForPreTraining(tiny_config(variance_loss_weight=2.0, covariance_loss_weight=0.5)).train()
+    regularised.load_state_dict(plain.state_dict())
+    torch.manual_seed(0)
+    b = regularised(x, mask, deterministic_quantizer=True, **fixed)
+    frame_valid = plain.data2vec_audio._get_feature_vector_attention_mask(b.last_hidden_state.shape[1], mask)
+    variance, covariance = variance_covariance_terms(b.last_hidden_state, frame_valid)
+    assert torch.allclose(b.variance_loss, variance) and torch.allclose(b.covariance_loss, covariance)
+    assert variance.item() > 0 and covariance.item() > 0
+    assert torch.allclose(b.regression_loss, a.regression_loss)
+    assert torch.allclose(b.loss, a.loss + 2.0 * variance + 0.5 * covariance, atol=1e-5)
+    with pytest.raises(ValueError, match="standard mode only"):
+        tiny_config(variance_loss_weight=1.0, efficient_mode=True)
