@@ -442,5 +442,12 @@ def test_efficient_arms_pretrain_with_the_objective_in_efficient_mode(tmp_path):
         assert flags["--objective"] == objective
         assert (json.loads(flags["--config_overrides"]) == {"efficient_mode": True}) if efficient else (
             "--config_overrides" not in flags)
+    # the anti-collapse arms (not part of the method): the objective plus VICReg's weights, the same for both
+    args = ExperimentArguments(objectives="aqc-vicreg,data2vec-vicreg,none", output_dir=str(tmp_path))
+    for arm, objective in [("aqc-vicreg", "aqc"), ("data2vec-vicreg", "data2vec")]:
+        cmd = pretrain_command(args, arm, [str(DEMO / "audio/fsdd/jackson/0_jackson_0.flac")], tmp_path / arm)
+        flags = dict(zip(cmd[3::2], cmd[4::2]))
+        assert flags["--objective"] == objective
+        assert json.loads(flags["--config_overrides"]) == {"variance_loss_weight": 5.0, "covariance_loss_weight": 0.2}
     with pytest.raises(ValueError, match="unknown objective"):
         ExperimentArguments(objectives="aqc-fast")
