@@ -171,13 +171,15 @@ def variance_covariance_terms(hidden: torch.Tensor, frame_valid: torch.Tensor | 
     off-diagonal entries of the channels' covariance matrix / dim (zero for decorrelated channels). Both are zero
     for a representation that uses every direction, and grow as it collapses onto a few."""
     rows = hidden.float().reshape(-1, hidden.shape[-1])
-    if frame_valid is not None:
-        rows = rows[frame_valid.reshape(-1).bool()]
-    count, dim = rows.shape
-    centred = rows - rows.mean(0)
-    variance = centred.square().sum(0) / max(count - 1, 1)
+    dim = rows.shape[-1]
+    # padded rows get weight 0 (no boolean indexing: the shapes stay static for torch.compile)
+    weight = (frame_valid.reshape(-1, 1).to(rows.dtype) if frame_valid is not None
+              else torch.ones_like(rows[:, :1]))
+    count = weight.sum()
+    centred = (rows - (rows * weight).sum(0) / count.clamp(min=1.0)) * weight
+    variance = centred.square().sum(0) / (count - 1.0).clamp(min=1.0)
     variance_term = torch.relu(1.0 - torch.sqrt(variance + eps)).mean()
-    covariance = centred.T @ centred / max(count - 1, 1)
+    covariance = centred.T @ centred / (count - 1.0).clamp(min=1.0)
     off_diagonal = covariance - torch.diag(torch.diagonal(covariance))
     return variance_term, off_diagonal.square().sum() / dim
 

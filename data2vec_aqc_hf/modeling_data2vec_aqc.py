@@ -246,7 +246,8 @@ class Data2VecAQCForPreTrainingOutput(ModelOutput):
     `None` with `objective="data2vec"`.
 
     Args:
-        loss: total loss `(L_reg_sum + w_s CE_s_sum + w_t CE_t_sum) / N_masked + w_div L_div + w_pen L_pen`.
+        loss: total loss `(L_reg_sum + w_s CE_s_sum + w_t CE_t_sum) / N_masked + w_div L_div + w_pen L_pen`
+            (+ the weighted VICReg terms when `variance_loss_weight` / `covariance_loss_weight` is set).
         regression_loss: sum over masked frames of ||pred - target||^2 * scale, divided by N_masked.
         student_contrastive_loss: L_s summed over masked frames / N_masked (student vs clean codes).
         teacher_contrastive_loss: L_t summed over masked frames / N_masked (teacher vs augmented codes).
