@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import random
 import re
 from collections import defaultdict
@@ -170,11 +171,20 @@ class CTCDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.examples[i]
 
+    @classmethod
+    def from_examples(cls, examples: list[dict]) -> "CTCDataset":
+        """A dataset of already validated examples (the dicts `__getitem__` returns), e.g. pseudo-labelled clips."""
+        new = object.__new__(cls)
+        new.examples, new.skipped = list(examples), []
+        return new
+
     def subset(self, keep) -> "CTCDataset":
         """A dataset of the examples for which `keep(example)` is true, sharing the loaded audio."""
-        new = object.__new__(CTCDataset)
-        new.examples, new.skipped = [e for e in self.examples if keep(e)], []
-        return new
+        return CTCDataset.from_examples([e for e in self.examples if keep(e)])
+
+    def concat(self, other: "CTCDataset") -> "CTCDataset":
+        """This dataset's examples followed by `other`'s (shared, not copied)."""
+        return CTCDataset.from_examples(self.examples + other.examples)
 
 
 def speed_perturb(audio: np.ndarray, factor: float) -> np.ndarray:
@@ -360,32 +370,46 @@ def evaluation_progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="clip", disable=total < PROGRESS_MIN_CLIPS, mininterval=2.0)
 
 
-def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: int = 8,
-                      desc: str = "transcribing (greedy)") -> list[str]:
-    """Greedy CTC transcripts of 16 kHz arrays, in their order. Batches are formed from length-sorted arrays:
-    data2vec-audio's stacked positional convolutions carry padding into the valid frames (each layer after the
-    first reads the previous layer's non-zero outputs at padded positions), so less padding means transcripts
-    closer to unpadded, one-at-a-time decoding."""
+def clip_log_probs(model, processor, arrays: list[np.ndarray], batch_size: int = 8,
+                   desc: str = "transcribing (greedy)") -> list[torch.Tensor]:
+    """Each 16 kHz array's CTC log-probabilities over its own frames (`(frames, vocab)`, float32, CPU), in input
+    order. Batches are formed from length-sorted arrays: data2vec-audio's stacked positional convolutions carry
+    padding into the valid frames (each layer after the first reads the previous layer's non-zero outputs at
+    padded positions), so less padding means outputs closer to unpadded, one-at-a-time inference. The padded
+    frames are dropped: the model never learned anything there (their arg-max is often a letter)."""
     model.eval()
     order = sorted(range(len(arrays)), key=lambda i: len(arrays[i]))
-    out: list[str | None] = [None] * len(arrays)
+    out: list = [None] * len(arrays)
     with evaluation_progress(len(arrays), desc) as progress:
         for start in range(0, len(order), batch_size):
-            _transcribe_batch(model, processor, arrays, order[start : start + batch_size], out)
-            progress.update(len(order[start : start + batch_size]))
+            ids = order[start : start + batch_size]
+            batch = processor.feature_extractor([arrays[i] for i in ids], sampling_rate=TARGET_SAMPLING_RATE,
+                                                padding=True, return_attention_mask=True, return_tensors="pt")
+            with torch.no_grad():
+                logits = model(batch["input_values"].float().to(model.device),
+                               attention_mask=batch["attention_mask"].to(model.device)).logits.float().cpu()
+            lengths = valid_frame_lengths(model, batch["attention_mask"], logits.shape[1], logits.shape[0])
+            for k, i in enumerate(ids):
+                out[i] = logits[k, : int(lengths[k])].log_softmax(-1)
+            progress.update(len(ids))
     return out
 
 
-def _transcribe_batch(model, processor, arrays, ids, out):
-    """Greedy transcripts of `arrays[i]` for `i` in `ids`, written to `out[i]` (each clip's own frames only)."""
-    batch = processor.feature_extractor([arrays[i] for i in ids], sampling_rate=TARGET_SAMPLING_RATE,
-                                        padding=True, return_attention_mask=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(batch["input_values"].float().to(model.device),
-                       attention_mask=batch["attention_mask"].to(model.device)).logits
-    lengths = valid_frame_lengths(model, batch["attention_mask"], logits.shape[1], logits.shape[0])
-    for i, text in zip(ids, decode_predictions(processor, logits.float().cpu().numpy(), lengths)):
-        out[i] = text
+def greedy_confidence(log_probs: torch.Tensor) -> float:
+    """The mean over frames of the log-probability of each frame's arg-max token (`log_probs`: `(frames, vocab)`),
+    i.e. the log-probability of the greedy path divided by its length; 0 = certain."""
+    return float(log_probs.max(-1).values.mean()) if len(log_probs) else -math.inf
+
+
+def transcribe_arrays(model, processor, arrays: list[np.ndarray], batch_size: int = 8,
+                      desc: str = "transcribing (greedy)", with_confidence: bool = False) -> list:
+    """Greedy CTC transcripts of 16 kHz arrays, in their order (`clip_log_probs`: length-sorted batches, each clip's
+    own frames only). `with_confidence=True` returns `(text, greedy_confidence)` pairs instead."""
+    texts = []
+    for lp in clip_log_probs(model, processor, arrays, batch_size, desc):
+        text = processor.decode(lp.argmax(-1).numpy())
+        texts.append((text, greedy_confidence(lp)) if with_confidence else text)
+    return texts
 
 
 def babble_noise(length: int, bank: list[np.ndarray], talkers: int = 4, generator: torch.Generator | None = None
@@ -447,7 +471,7 @@ def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = 
 
 __all__ = ["normalize_text", "build_vocab", "make_processor", "read_manifest",
            "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "speed_range", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "make_compute_metrics",
-           "load_ctc_model", "parse_freeze", "masked_time_fraction", "train_ctc", "transcribe_arrays", "babble_noise", "add_noise", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
+           "load_ctc_model", "parse_freeze", "masked_time_fraction", "train_ctc", "transcribe_arrays", "clip_log_probs", "greedy_confidence", "babble_noise", "add_noise", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
 
 
 @dataclass
@@ -489,6 +513,19 @@ class FinetuneArguments:
     speed_perturbation: float = field(default=0.0, metadata={
         "help": "Play each training clip at a random speed in [1 - s, 1 + s] (tempo and pitch; evaluation audio is "
                 "never changed). 0 (default, the paper's recipe) is off; ~0.15 helps a corpus of few speakers."})
+    unlabelled_data: str | None = field(default=None, metadata={
+        "help": "Audio without transcripts for self-training after fine-tuning (a directory, a .csv with file_name or "
+                "a fairseq .tsv), e.g. recordings of the speakers the model is for; used with --self_training_rounds."})
+    self_training_rounds: int = field(default=0, metadata={
+        "help": "Rounds of self-training: transcribe --unlabelled_data with the model, then continue training on the "
+                "labelled clips plus the most confident pseudo-labelled ones (0: off)."})
+    self_training_steps: int = field(default=400, metadata={"help": "Updates per self-training round (a fresh optimizer and linear schedule, 10 %% warm-up)."})
+    self_training_learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of each self-training round."})
+    self_training_keep_fraction: float = field(default=0.5, metadata={"help": "Share of the unlabelled clips kept as pseudo-labelled, most confident first."})
+    self_training_labels: str = field(default="greedy", metadata={
+        "help": "Pseudo-labels: 'greedy' CTC transcripts; 'lexicon': greedy ones whose words all occur in the training "
+                "transcripts; 'closed_set': for each clip the most likely of the training set's distinct transcripts "
+                "(closed sets of phrases: digits, commands)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the checkpoint's own modeling code (only for checkpoints you trust)."})
     hub_dataset_id_for_card: str | None = field(default=None, metadata={"help": "Hub dataset id named in the model card's metadata (for a local manifest)."})
 
@@ -497,6 +534,16 @@ class FinetuneArguments:
             raise ValueError("give exactly one of --model_name_or_path (pretrained) or --model_preset (from scratch)")
         self.freeze_feature_encoder = parse_freeze(self.freeze_feature_encoder)
         speed_range(self.speed_perturbation)  # validates
+        if self.self_training_rounds < 0 or self.self_training_steps < 1:
+            raise ValueError("self_training_rounds must be >= 0 and self_training_steps >= 1")
+        if self.self_training_rounds and not self.unlabelled_data:
+            raise ValueError("--self_training_rounds needs --unlabelled_data (audio of the kind the model is for)")
+        if self.unlabelled_data and not self.self_training_rounds:
+            raise ValueError("--unlabelled_data is only used for self-training: give --self_training_rounds too")
+        if self.self_training_labels not in ("greedy", "lexicon", "closed_set"):
+            raise ValueError(f"self_training_labels must be greedy, lexicon or closed_set, got {self.self_training_labels!r}")
+        if not 0.0 < self.self_training_keep_fraction <= 1.0:
+            raise ValueError(f"self_training_keep_fraction must be in (0, 1], got {self.self_training_keep_fraction}")
 
 
 def _rows(args: FinetuneArguments):
@@ -644,6 +691,55 @@ class NonFiniteWeightsCallback(TrainerCallback):
                 f"{args.output_dir} are untouched; resume from one with a lower --learning_rate")
 
 
+def read_unlabelled(path: str | Path, min_samples: int = 400) -> tuple[list[np.ndarray], list[str]]:
+    """16 kHz arrays and file names of the audio of a directory, `.csv` (`file_name`) or fairseq `.tsv`; unreadable,
+    silent or too short files are skipped with a warning naming them."""
+    from .data import local_items
+
+    arrays, names = [], []
+    for item in local_items(path):
+        try:
+            arrays.append(load_audio_example(item, "audio", min_samples=min_samples))
+            names.append(item["audio"])
+        except AudioError as err:
+            logger.warning("skipping %s", with_file_name(item["audio"], str(err)))
+    if not arrays:
+        raise ValueError(f"{path}: no usable unlabelled audio for self-training")
+    return arrays, names
+
+
+def self_training_summary(history: list[dict], args: FinetuneArguments) -> str:
+    """The model card's self-training entry: none, or each round's pseudo-labelled clips and updates."""
+    if not history:
+        return "none"
+    rounds = "; ".join(f"round {r['round']}: {r['selected']} of {r['pool']} clips" for r in history)
+    return (f"{len(history)} round(s) of {args.self_training_steps} updates on the labelled clips plus pseudo-labelled "
+            f"clips of `{args.unlabelled_data}` ({args.self_training_labels} labels; {rounds})")
+
+
+def _self_train(args, training_args, model, processor, train_set, eval_set):
+    """`self_training.self_train` with the CLI's options; each round's Trainer writes under output_dir/self-training."""
+    import dataclasses
+
+    from .self_training import self_train
+
+    arrays, names = read_unlabelled(args.unlabelled_data)
+    scored = {str(Path(e["name"]).resolve()) for e in eval_set.examples if isinstance(e["name"], str)}
+    overlap = sum(str(Path(n).resolve()) in scored for n in names)
+    if overlap:
+        logger.warning("%d of the %d unlabelled files are also evaluation files: the evaluation then scores clips "
+                       "the model was self-trained on (without their transcripts)", overlap, len(names))
+    lexicon = {w for e in train_set.examples for w in e["text"].split()} if args.self_training_labels == "lexicon" else None
+    candidates = sorted({e["text"] for e in train_set.examples}) if args.self_training_labels == "closed_set" else None
+    round_args = dataclasses.replace(
+        training_args, max_steps=args.self_training_steps, learning_rate=args.self_training_learning_rate,
+        warmup_steps=max(1, args.self_training_steps // 10), resume_from_checkpoint=None,
+        output_dir=str(Path(training_args.output_dir) / "self-training"))
+    return self_train(model, processor, train_set, arrays, round_args, args.self_training_rounds,
+                      args.self_training_keep_fraction, lexicon, names, speed_range(args.speed_perturbation),
+                      eval_set=eval_set, candidates=candidates)
+
+
 def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
     """Fine-tune, evaluate, save a stock data2vec-audio checkpoint + processor + card, maybe push. Returns metrics."""
     from .cards import datasets_line, write_card
@@ -668,8 +764,14 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
     trainer = train_ctc(model, processor, train_set, eval_set, training_args, args.freeze_transformer_steps,
                         speed_perturbation=speed_range(args.speed_perturbation))
     model = trainer.model
+    self_training = []
+    if args.self_training_rounds:
+        trainer, self_training = _self_train(args, training_args, model, processor, train_set, eval_set)
+        model = trainer.model
     metrics = evaluate_rows(model, processor, eval_set)
     metrics["train_loss"] = trainer.train_result.training_loss
+    if self_training:
+        metrics["self_training"] = self_training
     metrics["skipped_files"] = len(train_set.skipped) + len(eval_set.skipped)
 
     final_dir = output_dir / "final"
@@ -697,6 +799,7 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
         "batch_size": training_args.per_device_train_batch_size,
         "freeze_steps": args.freeze_transformer_steps,
         "cnn": "trained" if cnn_trained else "frozen",
+        "self_training": self_training_summary(self_training, args),
         "repo_id": training_args.hub_model_id or str(final_dir),
     })
     if training_args.push_to_hub:

@@ -333,7 +333,7 @@ def test_model_card_example_runs_in_plain_transformers_on_8khz_audio(tmp_path, r
     values = dict(model_name="m", dataset_id="custom", datasets_line="", dataset_description="d", train_hours="0.1", num_train=1,
                   num_eval=1, eval_speakers="s", wer="1", cer="1", wer_fraction="0.01", cer_fraction="0.01",
                   learning_rate=1e-3, max_steps=10, weights_step="10 (the last update)", batch_size=1, freeze_steps=0,
-                  cnn="trained", repo_id=str(stock), **card_base_model(str(random_ctc_dir), None))
+                  cnn="trained", self_training="none", repo_id=str(stock), **card_base_model(str(random_ctc_dir), None))
     card = render_card("finetuned.md", values)
     assert "base_model:" not in card.split("---")[1]  # a local path is not metadata
     block = re.findall(r"```python\n(.*?)```", card, re.S)[0]
