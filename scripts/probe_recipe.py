@@ -23,6 +23,15 @@ from data2vec_aqc_hf.finetuning import (CTCDataset, build_vocab, evaluate_rows, 
                                         normalize_text, speed_range, train_ctc)
 
 
+def probe_training_args(steps: int, batch: int, lr: float, seed: int) -> TrainingArguments:
+    """The probes' Trainer options: linear schedule with 10 % warm-up, no checkpoints, no evaluation."""
+    return TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+        warmup_steps=max(1, steps // 10), lr_scheduler_type="linear", weight_decay=0.01, adam_beta2=0.98,
+        max_grad_norm=5.0, logging_steps=max(1, steps // 10), save_strategy="no", eval_strategy="no",
+        report_to="none", seed=seed, use_cpu=True, train_sampling_strategy="group_by_length", disable_tqdm=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--corpus_dir", default="../shared/speech_corpus")
@@ -84,11 +93,7 @@ def main():
             elif isinstance(module, torch.nn.LayerNorm):
                 torch.nn.init.ones_(module.weight)
                 torch.nn.init.zeros_(module.bias)
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=a.lr,
-        warmup_steps=max(1, a.steps // 10), lr_scheduler_type="linear", weight_decay=0.01, adam_beta2=0.98,
-        max_grad_norm=5.0, logging_steps=max(1, a.steps // 10), save_strategy="no", eval_strategy="no",
-        report_to="none", seed=a.seed, use_cpu=True, train_sampling_strategy="group_by_length", disable_tqdm=True)
+    args = probe_training_args(a.steps, a.batch, a.lr, a.seed)
     trainer = train_ctc(model, processor, train, None, args, a.freeze_transformer_steps, print_logs=False,
                         speed_perturbation=speed_range(a.speed))
     train_s = time.time() - start

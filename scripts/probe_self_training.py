@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCTC, TrainingArguments, Wav2Vec2Processor, set_seed
+from probe_recipe import probe_training_args  # scripts/ is first on sys.path when run as a script
+from transformers import AutoModelForCTC, Wav2Vec2Processor, set_seed
 
 import data2vec_aqc_hf  # noqa: F401  (registers data2vec-aqc)
 from data2vec_aqc_hf.experiment import load_corpus, low_resource_subset
@@ -67,11 +67,7 @@ def main():
     lexicon = {w for e in train.examples for w in e["text"].split()} if a.labels == "lexicon" else None
     candidates = sorted({e["text"] for e in train.examples}) if a.labels == "closed_set" else None
     set_seed(a.seed)
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=a.lr,
-        warmup_steps=max(1, a.steps // 10), lr_scheduler_type="linear", weight_decay=0.01, adam_beta2=0.98,
-        max_grad_norm=5.0, logging_steps=max(1, a.steps // 10), save_strategy="no", eval_strategy="no",
-        report_to="none", seed=a.seed, use_cpu=True, train_sampling_strategy="group_by_length", disable_tqdm=True)
+    args = probe_training_args(a.steps, a.batch, a.lr, a.seed)
     history = []
     if a.pool == "none":
         trainer = train_ctc(model, processor, train, None, args, print_logs=False, speed_perturbation=speed_range(a.speed))
