@@ -32,6 +32,14 @@ def probe_training_args(steps: int, batch: int, lr: float, seed: int) -> Trainin
         report_to="none", seed=seed, use_cpu=True, train_sampling_strategy="group_by_length", disable_tqdm=True)
 
 
+def record(out: dict, path: str) -> None:
+    """Print a probe's result as one JSON line and append it to `path`."""
+    print(json.dumps(out), flush=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--corpus_dir", default="../shared/speech_corpus")
@@ -107,10 +115,7 @@ def main():
            "dev_wer": round(100 * res["wer"], 1), "dev_cer": round(100 * res["cer"], 1),
            "fit_wer": round(100 * fit["wer"], 1), "train_s": round(train_s), "curve": curve,
            "examples": res["examples"][:3]}
-    print(json.dumps(out), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(out) + "\n")
+    record(out, a.out)
 
 
 if __name__ == "__main__":

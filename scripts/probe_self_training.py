@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from probe_recipe import probe_training_args  # scripts/ is first on sys.path when run as a script
+from probe_recipe import probe_training_args, record  # scripts/ is first on sys.path when run as a script
 from transformers import AutoModelForCTC, Wav2Vec2Processor, set_seed
 
 import data2vec_aqc_hf  # noqa: F401  (registers data2vec-aqc)
@@ -81,10 +81,7 @@ def main():
            "dev_wer_before": round(100 * before["wer"], 1), "dev_wer": round(100 * after["wer"], 1),
            "dev_cer": round(100 * after["cer"], 1), "rounds_log": history, "train_s": round(time.time() - start),
            "curve": [(h["step"], round(h["loss"], 3)) for h in trainer.state.log_history if "loss" in h]}
-    print(json.dumps(out), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(out) + "\n")
+    record(out, a.out)
 
 
 if __name__ == "__main__":
