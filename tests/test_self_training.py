@@ -161,8 +161,32 @@ def test_finetune_cli_self_training_round_is_recorded_and_overlap_with_evaluatio
     with caplog.at_level(logging.WARNING):
         run_finetuning(FinetuneArguments(**common, unlabelled_data=str(DEMO / "audio/fsdd/yweweler"),
                                          self_training_rounds=1, self_training_steps=1), targs)
-    assert "120 of the 120 unlabelled files are also evaluation files" in caplog.text
+    assert "120 of the 320 unlabelled files are also evaluation files" in caplog.text
     with pytest.raises(ValueError, match="needs --unlabelled_data"):
         FinetuneArguments(**common, self_training_rounds=1)
     with pytest.raises(ValueError, match="only used for self-training"):
         FinetuneArguments(**common, unlabelled_data=str(pool))
+
+
+def test_demo_self_training_pool_is_the_unseen_speakers_other_clips():
+    """The README demo self-trains on data/demo/unlabelled_digits.csv: 20 takes per digit of its unseen speaker, none
+    of them a clip the demo scores, every file readable and credited in provenance.csv."""
+    import csv
+
+    import yaml
+    from conftest import DEMO
+    from data2vec_aqc_hf.finetuning import read_unlabelled
+
+    config = yaml.safe_load(open(DEMO.parents[1] / "configs/demo_finetune.yaml"))
+    assert config["unlabelled_data"] == "data/demo/unlabelled_digits.csv" and config["self_training_rounds"] >= 1
+    pool = [r["file_name"] for r in csv.DictReader(open(DEMO / "unlabelled_digits.csv"))]
+    scored = {r["file_name"] for r in csv.DictReader(open(DEMO / "metadata.csv"))
+              if r["speaker_id"] == config["eval_speakers"]}
+    assert len(pool) == len(set(pool)) == 200 and len(scored) == 120 and not set(pool) & scored
+    digits = [name.rsplit("/", 1)[-1].split("_")[0] for name in pool]
+    assert all(name.startswith("audio/fsdd/yweweler/") for name in pool)
+    assert {d: digits.count(d) for d in set(digits)} == {str(d): 20 for d in range(10)}
+    credited = {r["file_name"] for r in csv.DictReader(open(DEMO / "provenance.csv"))}
+    assert set(pool) <= credited
+    arrays, names = read_unlabelled(DEMO / "unlabelled_digits.csv")
+    assert len(arrays) == 200 and all(0.1 < len(a) / 16000 < 2.5 for a in arrays)
