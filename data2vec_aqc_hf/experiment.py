@@ -141,6 +141,18 @@ class ExperimentArguments:
         "help": "Also decode the clean test set with a word bigram LM of the *training* transcripts (column "
                 "`clean_lm`; KenLM beam search, needs the [lm] extra; skipped with a warning without it). Greedy "
                 "decoding stays the primary number."})
+    self_training_rounds: int = field(default=0, metadata={
+        "help": "After fine-tuning, rounds of self-training on unlabelled clips of the test speaker (0: off). The "
+                "speaker's first --self_training_pool_per_digit takes of each digit become the pool (transcribed by "
+                "the model, never by their transcripts) and are left out of every arm's test set, so the scored "
+                "clips are never trained on. Column `before_st`: the same runs' clean WER before self-training."})
+    self_training_pool_per_digit: int = field(default=20, metadata={
+        "help": "Takes per digit of the test speaker in the self-training pool (the other takes are scored)."})
+    self_training_steps: int = field(default=400, metadata={"help": "Updates per self-training round (x --scale)."})
+    self_training_learning_rate: float = field(default=5e-4, metadata={"help": "Peak LR of each self-training round."})
+    self_training_labels: str = field(default="closed_set", metadata={
+        "help": "Pseudo-labels: closed_set (the most likely of the training transcripts), lexicon (greedy, only "
+                "transcripts of training words kept) or greedy (see finetune.py --self_training_labels)."})
     noisy_per_digit: int = field(default=50, metadata={
         "help": "Test utterances per digit in each noisy condition (50 = all of FSDD's, the clean set; fewer makes "
                 "noisy and clean numbers come from different utterances)."})
@@ -155,6 +167,10 @@ class ExperimentArguments:
         if set(self.label_set_list) - {"low", "full"}:
             raise ValueError(f"label_sets must be 'low' and/or 'full', got {self.label_sets!r}")
         self.snr_list = [float(s) for s in self.snrs.split(",")]
+        if self.self_training_labels not in ("greedy", "lexicon", "closed_set"):
+            raise ValueError(f"self_training_labels must be greedy, lexicon or closed_set, got {self.self_training_labels!r}")
+        if self.self_training_rounds < 0 or (self.self_training_rounds and self.self_training_pool_per_digit < 1):
+            raise ValueError("self_training_rounds must be >= 0, with self_training_pool_per_digit >= 1")
         if self.scale <= 0:
             raise ValueError(f"scale must be positive, got {self.scale}")
 
@@ -162,9 +178,11 @@ class ExperimentArguments:
         return max(1, round(n * self.scale))
 
 
-def conditions(snrs: list[float], lm: bool = False) -> list[str]:
-    """Test condition names: `clean`, (`clean_lm`), then `white_10`, `babble_10`, ... per SNR."""
-    return ["clean"] + (["clean_lm"] if lm else []) + [f"{kind}_{snr:g}" for snr in snrs for kind in NOISE_KINDS]
+def conditions(snrs: list[float], lm: bool = False, self_training: bool = False) -> list[str]:
+    """Test condition names: (`before_st`: clean, before self-training), `clean`, (`clean_lm`), then `white_10`,
+    `babble_10`, ... per SNR."""
+    return ((["before_st"] if self_training else []) + ["clean"] + (["clean_lm"] if lm else [])
+            + [f"{kind}_{snr:g}" for snr in snrs for kind in NOISE_KINDS])
 
 
 def lm_transcriber(model, processor, texts: list[str], path: Path):
@@ -235,7 +253,10 @@ def finetune_settings(args: ExperimentArguments) -> dict:
         "low_resource_per_speaker", "pretrain_on_test_speaker_audio", "finetune_steps_low", "finetune_steps_full",
         "finetune_learning_rate", "finetune_batch_size", "freeze_feature_encoder", "freeze_transformer_steps",
         "mask_time_prob",
-        "mask_time_length", "speed_perturbation", "snrs", "noisy_per_digit", "lm_decoding")}}
+        "mask_time_length", "speed_perturbation", "snrs", "noisy_per_digit", "lm_decoding", "self_training_rounds")},
+        **({k: getattr(args, k) for k in ("self_training_pool_per_digit", "self_training_steps",
+                                          "self_training_learning_rate", "self_training_labels")}
+           if args.self_training_rounds else {})}
 
 
 def _finished(path: Path, settings: dict) -> bool:
@@ -410,9 +431,11 @@ def run_representation_probe(args, out: Path, pretrained: dict, fsdd_rows: list[
 
 # ----- one fine-tuning run ----------------------------------------------------------------------------------------
 def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_set, noisy_set, fit_set, processor,
-                      babble_bank, seed: int, steps: int, run_dir: Path, labels: str = "") -> dict:
-    """Fine-tune one initialisation with CTC, then WER/CER on the test speaker in every condition and on a sample
-    of the training utterances (fit). Returns the result dict (also saved as `run_dir/result.json`)."""
+                      babble_bank, seed: int, steps: int, run_dir: Path, labels: str = "", pool=None) -> dict:
+    """Fine-tune one initialisation with CTC (then, given a `pool` CTCDataset of the test speaker's other clips,
+    self-train on their audio: its transcripts only report the pseudo-labels' accuracy), then WER/CER on the test
+    speaker in every condition and on a sample of the training utterances (fit). Returns the result dict (also
+    saved as `run_dir/result.json`)."""
     start = time.time()
     set_seed(seed)
     model = load_ctc_model(
@@ -431,8 +454,14 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
     trainer = train_ctc(model, processor, train_set, None, training_args, args.freeze_transformer_steps,
                         print_logs=False, speed_perturbation=speed_range(args.speed_perturbation))
     model = trainer.model
+    loss_curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    metrics, self_training = {}, []
+    if pool is not None and args.self_training_rounds:
+        metrics["before_st"] = evaluate_rows(model, processor, test_set)
+        trainer, self_training = self_train_arm(args, model, processor, train_set, pool, training_args, run_dir)
+        model = trainer.model
     train_seconds = time.time() - start
-    metrics = {"clean": evaluate_rows(model, processor, test_set)}
+    metrics["clean"] = evaluate_rows(model, processor, test_set)
     if args.lm_decoding:
         transcribe = lm_transcriber(model, processor, [e["text"] for e in train_set.examples], run_dir / "lm.arpa")
         if transcribe is not None:
@@ -448,7 +477,7 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
         "wer": {k: v["wer"] for k, v in metrics.items()}, "cer": {k: v["cer"] for k, v in metrics.items()},
         "train_fit_wer": fit["wer"], "examples": metrics["clean"]["examples"],
         "train_loss": trainer.train_result.training_loss,
-        "loss_curve": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
+        "loss_curve": loss_curve, "self_training": self_training,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
         "threads": torch.get_num_threads(), "num_test": len(test_set), "num_noisy_test": len(noisy_set),
         "settings": finetune_settings(args),
@@ -456,6 +485,26 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def self_train_arm(args, model, processor, train_set, pool, training_args, run_dir: Path):
+    """`self_training.self_train` for one run: `args.self_training_rounds` rounds on the audio of `pool`, most
+    confident half kept, labels as `args.self_training_labels`. Returns the last trainer and the rounds' records."""
+    import dataclasses
+
+    from .self_training import self_train
+
+    steps = args.steps(args.self_training_steps)
+    round_args = dataclasses.replace(training_args, max_steps=steps, learning_rate=args.self_training_learning_rate,
+                                     warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 20),
+                                     output_dir=str(run_dir / "self-training"))
+    texts = [e["text"] for e in train_set.examples]
+    lexicon = {w for t in texts for w in t.split()} if args.self_training_labels == "lexicon" else None
+    candidates = sorted(set(texts)) if args.self_training_labels == "closed_set" else None
+    return self_train(model, processor, train_set, [e["input_values"] for e in pool.examples], round_args,
+                      args.self_training_rounds, 0.5, lexicon, [str(e["name"]) for e in pool.examples],
+                      speed_range(args.speed_perturbation), references=[e["text"] for e in pool.examples],
+                      print_logs=False, candidates=candidates)
 
 
 _WORKER: dict = {}
@@ -487,7 +536,11 @@ def _worker_init(args_dict: dict, threads: int) -> None:
 def _worker_run(arm: dict) -> dict:
     args, fsdd = _WORKER["args"], _WORKER["fsdd"]
     fold, labels, seed = arm["fold"], arm["labels"], arm["seed"]
-    test_set = fsdd.subset(lambda e: e["speaker_id"] == fold)
+    test_set, pool = fsdd.subset(lambda e: e["speaker_id"] == fold), None
+    if args.self_training_rounds:  # the pool's clips are never scored
+        pool = per_digit_subset(test_set, args.self_training_pool_per_digit)
+        in_pool = {id(e) for e in pool.examples}
+        test_set = test_set.subset(lambda e: id(e) not in in_pool)
     train_full = fsdd.subset(lambda e: e["speaker_id"] != fold)
     train_set = (train_full if labels in ("full", "sanity")
                  else low_resource_subset(train_full, args.low_resource_per_speaker, seed))
@@ -498,7 +551,8 @@ def _worker_run(arm: dict) -> dict:
     return finetune_and_test(
         args, arm["init"], Path(arm["checkpoint"]) if arm["checkpoint"] else None, train_set, test_set,
         per_digit_subset(test_set, args.noisy_per_digit), fit_set,
-        _WORKER["processor"], _WORKER["babble_bank"], seed, steps, Path(arm["run_dir"]), labels)
+        _WORKER["processor"], _WORKER["babble_bank"], seed, steps, Path(arm["run_dir"]), labels,
+        pool=None if labels == "sanity" else pool)
 
 
 # ----- the whole experiment ---------------------------------------------------------------------------------------
@@ -586,7 +640,7 @@ def run_experiment(args: ExperimentArguments) -> dict:
     # 4. report
     sanity = [r for r in results if r["labels"] == "sanity"]
     results = [r for r in results if r["labels"] != "sanity"]
-    summary = summarize(results, conditions(args.snr_list, args.lm_decoding))
+    summary = summarize(results, conditions(args.snr_list, args.lm_decoding, args.self_training_rounds > 0))
     report = {"arguments": {k: v for k, v in asdict(args).items()}, "summary": summary, "runs": results,
               "sanity": sanity[0] if sanity else None, "representation_probe": probe,
               "machine": machine_description(), "command": " ".join(["python", *sys.argv]), "wall_minutes": round((time.time() - started) / 60, 1),
@@ -654,7 +708,7 @@ def plot_results(summary: dict, args: ExperimentArguments, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = conditions(args.snr_list, args.lm_decoding)
+    names = conditions(args.snr_list, args.lm_decoding, args.self_training_rounds > 0)
     label_sets = [l for l in ("low", "full") if l in summary]
     fig, axes = plt.subplots(1, len(label_sets), figsize=(7 * len(label_sets), 4.2), squeeze=False)
     for ax, labels in zip(axes[0], label_sets):
@@ -679,7 +733,7 @@ def plot_results(summary: dict, args: ExperimentArguments, path: Path) -> None:
 
 
 def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
-    summary, names = report["summary"], conditions(args.snr_list, args.lm_decoding)
+    summary, names = report["summary"], conditions(args.snr_list, args.lm_decoding, args.self_training_rounds > 0)
     lines = [
         "# Learning experiment: does pretraining help on unseen speakers? (FSDD, CPU scale)",
         "",
@@ -707,7 +761,13 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
         f"{report['runs'][0].get('num_noisy_test', '?')} (white Gaussian, or babble of 4 LibriSpeech test-other "
         "talkers never used in pretraining). Greedy CTC decoding, no LM"
         + ("; `clean_lm`: the clean set decoded with a word bigram LM of the run's own training transcripts (KenLM "
-           "beam search: it knows the ten digit words, nothing about the test speaker)." if args.lm_decoding else "."),
+           "beam search: it knows the ten digit words, nothing about the test speaker)." if args.lm_decoding else ".")
+        + (f" Self-training: after fine-tuning, {args.self_training_rounds} round(s) of "
+           f"{args.steps(args.self_training_steps)} updates (lr {args.self_training_learning_rate:g}) on the labelled "
+           f"set plus the most confident half of a pool of {args.self_training_pool_per_digit} takes per digit of the "
+           f"test speaker, labelled by the model ({args.self_training_labels}; their transcripts never read); those "
+           "takes are left out of every test set, and `before_st` is the clean WER of the same runs before "
+           "self-training." if args.self_training_rounds else ""),
         "",
         *reduced_design_note(report, args),
         "## WER on the unseen speaker (%), mean ± std over folds x seeds",
@@ -759,7 +819,7 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
     lines += ["", "## Per run", "", "| init | labels | test speaker | seed | clean WER | worst noisy WER | "
               "training speakers WER | train s |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in sorted(report["runs"], key=lambda r: (r["labels"], r["init"], r["test_speaker"], r["seed"])):
-        noisy = max(v for k, v in r["wer"].items() if not k.startswith("clean"))
+        noisy = max(v for k, v in r["wer"].items() if k.startswith(NOISE_KINDS))
         lines.append(f"| {r['init']} | {r['labels']} | {r['test_speaker']} | {r['seed']} | "
                      f"{100 * r['wer']['clean']:.1f} | {100 * noisy:.1f} | {100 * r['train_fit_wer']:.1f} | "
                      f"{r['train_seconds']:.0f} |")

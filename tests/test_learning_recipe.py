@@ -182,6 +182,15 @@ def test_experiment_end_to_end_at_toy_scale(tmp_path):
     args.finetune_steps_low = 3
     changed = run_experiment(args)
     assert {r["steps"] for r in changed["runs"]} == {3}
+    # self-training: 2 takes per digit of the test speaker become the unlabelled pool and leave every test set
+    args.self_training_rounds, args.self_training_pool_per_digit, args.self_training_steps = 1, 2, 1
+    st = run_experiment(args)
+    for run in st["runs"]:
+        assert run["num_test"] == 480 and {"before_st", "clean"} <= set(run["wer"])
+        (record,) = run["self_training"]
+        assert record["pool"] == 20 and record["selected"] == 10 and 0.0 <= record["selected_accuracy"] <= 1.0
+    markdown = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "| init | runs | before_st | clean |" in markdown and "Self-training: after fine-tuning, 1 round(s)" in markdown
 
 
 def test_quantizer_init_keeps_the_gumbel_softmax_unsaturated():
