@@ -61,9 +61,11 @@ def select_confident(texts: list[str], confidences: list[float], keep_fraction: 
 
 def closed_set_labels(log_probs: list[torch.Tensor], processor, candidates: list[str]) -> tuple[list[str], list[float]]:
     """For each clip's CTC log-probabilities (`finetuning.clip_log_probs`), the candidate transcript with the
-    highest CTC likelihood and the log of its posterior among the candidates (the softmax of their
-    log-likelihoods; 0 = certain). For closed sets of phrases (digits, commands): every clip gets a well-formed
-    label, chosen by all its frames rather than the arg-max of each."""
+    highest CTC likelihood and, as its confidence, its log posterior among the candidates from their per-frame
+    log-likelihoods (the softmax of log-likelihood / frames; 0 = certain). For closed sets of phrases (digits,
+    commands): every clip gets a well-formed label, chosen by all its frames rather than the arg-max of each.
+    (The softmax of the clip's total log-likelihoods saturates: candidates differ by tens of nats, so nearly every
+    clip had posterior 1.0 and the confident selection fell back to file order; measured in session 12.)"""
     if not candidates:
         raise ValueError("closed-set labelling needs at least one candidate transcript")
     targets = [processor.tokenizer(c).input_ids for c in candidates]
@@ -80,7 +82,7 @@ def closed_set_labels(log_probs: list[torch.Tensor], processor, candidates: list
             texts.append("")
             confidences.append(-math.inf)
             continue
-        log_posterior = (-nll).log_softmax(0)  # a transcript too long for the clip has likelihood 0 (nll = inf)
+        log_posterior = (-nll / frames).log_softmax(0)  # a transcript too long for the clip: likelihood 0 (nll inf)
         best = int(log_posterior.argmax())
         texts.append(candidates[best])
         confidences.append(float(log_posterior[best]))
