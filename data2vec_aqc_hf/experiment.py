@@ -83,7 +83,8 @@ class ExperimentArguments:
     corpus_dir: str = field(default="../shared/speech_corpus", metadata={"help": "The shared speech corpus."})
     output_dir: str = field(default="outputs/fsdd_ssl", metadata={"help": "Runs, models, plots (resumable)."})
     results_md: str = field(default="docs/RESULTS.md", metadata={
-        "help": "Where to copy the report and its plots too (--results_md '' to skip)."})
+        "help": "Where to copy the report and its plots too (--results_md '' to skip); the plots are named "
+                "fsdd_ssl_*.png beside a RESULTS.md, <name>_*.png beside any other <name>.md."})
     model_preset: str = field(default="small", metadata={"help": "Model for every arm."})
     scale: float = field(default=1.0, metadata={
         "help": "Multiply every step count (pretraining and fine-tuning) by this: the same design, larger (e.g. 10 "
@@ -653,10 +654,11 @@ def run_experiment(args: ExperimentArguments) -> dict:
     if args.results_md:
         target = Path(args.results_md)
         target.parent.mkdir(parents=True, exist_ok=True)
+        prefix = "fsdd_ssl_" if target.name == "RESULTS.md" else f"{target.stem.lower()}_"  # one report's plots
         for png in [out / "results.png", *sorted((out / "pretrain").glob("*/loss.png"))]:
             name = "results.png" if png.name == "results.png" else f"pretrain_{png.parent.name}.png"
-            shutil.copyfile(png, target.parent / f"fsdd_ssl_{name}")
-        target.write_text(markdown.replace("](", "](fsdd_ssl_").replace("fsdd_ssl_http", "http"))
+            shutil.copyfile(png, target.parent / f"{prefix}{name}")
+        target.write_text(markdown.replace("](", f"]({prefix}").replace(f"{prefix}http", "http"))
     print(f"results: {out / 'RESULTS.md'}" + (f" and {args.results_md}" if args.results_md else ""), flush=True)
     return report
 
