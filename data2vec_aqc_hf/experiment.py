@@ -491,17 +491,11 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
 def self_train_arm(args, model, processor, train_set, pool, training_args, run_dir: Path):
     """`self_training.self_train` for one run: `args.self_training_rounds` rounds on the audio of `pool`, most
     confident half kept, labels as `args.self_training_labels`. Returns the last trainer and the rounds' records."""
-    import dataclasses
+    from .self_training import label_constraints, round_arguments, self_train
 
-    from .self_training import self_train
-
-    steps = args.steps(args.self_training_steps)
-    round_args = dataclasses.replace(training_args, max_steps=steps, learning_rate=args.self_training_learning_rate,
-                                     warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 20),
-                                     output_dir=str(run_dir / "self-training"))
-    texts = [e["text"] for e in train_set.examples]
-    lexicon = {w for t in texts for w in t.split()} if args.self_training_labels == "lexicon" else None
-    candidates = sorted(set(texts)) if args.self_training_labels == "closed_set" else None
+    round_args = round_arguments(training_args, args.steps(args.self_training_steps), args.self_training_learning_rate,
+                                 run_dir / "self-training")
+    lexicon, candidates = label_constraints(args.self_training_labels, [e["text"] for e in train_set.examples])
     return self_train(model, processor, train_set, [e["input_values"] for e in pool.examples], round_args,
                       args.self_training_rounds, 0.5, lexicon, [str(e["name"]) for e in pool.examples],
                       speed_range(args.speed_perturbation), references=[e["text"] for e in pool.examples],

@@ -719,9 +719,7 @@ def self_training_summary(history: list[dict], args: FinetuneArguments) -> str:
 
 def _self_train(args, training_args, model, processor, train_set, eval_set):
     """`self_training.self_train` with the CLI's options; each round's Trainer writes under output_dir/self-training."""
-    import dataclasses
-
-    from .self_training import self_train
+    from .self_training import label_constraints, round_arguments, self_train
 
     arrays, names = read_unlabelled(args.unlabelled_data)
     scored = {str(Path(e["name"]).resolve()) for e in eval_set.examples if isinstance(e["name"], str)}
@@ -729,12 +727,9 @@ def _self_train(args, training_args, model, processor, train_set, eval_set):
     if overlap:
         logger.warning("%d of the %d unlabelled files are also evaluation files: the evaluation then scores clips "
                        "the model was self-trained on (without their transcripts)", overlap, len(names))
-    lexicon = {w for e in train_set.examples for w in e["text"].split()} if args.self_training_labels == "lexicon" else None
-    candidates = sorted({e["text"] for e in train_set.examples}) if args.self_training_labels == "closed_set" else None
-    round_args = dataclasses.replace(
-        training_args, max_steps=args.self_training_steps, learning_rate=args.self_training_learning_rate,
-        warmup_steps=max(1, args.self_training_steps // 10), resume_from_checkpoint=None,
-        output_dir=str(Path(training_args.output_dir) / "self-training"))
+    lexicon, candidates = label_constraints(args.self_training_labels, [e["text"] for e in train_set.examples])
+    round_args = round_arguments(training_args, args.self_training_steps, args.self_training_learning_rate,
+                                 Path(training_args.output_dir) / "self-training")
     return self_train(model, processor, train_set, arrays, round_args, args.self_training_rounds,
                       args.self_training_keep_fraction, lexicon, names, speed_range(args.speed_perturbation),
                       eval_set=eval_set, candidates=candidates)

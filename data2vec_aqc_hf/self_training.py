@@ -120,6 +120,28 @@ def pseudo_labelled_dataset(processor, arrays: list[np.ndarray], labels: PseudoL
     return CTCDataset.from_examples(examples)
 
 
+def label_constraints(labels: str, texts: list[str]) -> tuple[set[str] | None, list[str] | None]:
+    """The `lexicon` and `candidates` of `pseudo_label` for a labelling mode and the labelled set's transcripts:
+    greedy (neither), lexicon (their words) or closed_set (the distinct transcripts)."""
+    if labels not in ("greedy", "lexicon", "closed_set"):
+        raise ValueError(f"pseudo-labels must be greedy, lexicon or closed_set, got {labels!r}")
+    lexicon = {w for t in texts for w in t.split()} if labels == "lexicon" else None
+    return lexicon, sorted(set(texts)) if labels == "closed_set" else None
+
+
+def round_arguments(training_args, steps: int, learning_rate: float, output_dir):
+    """The Trainer options of a self-training round: `training_args` with its own length, peak LR (10 % warm-up)
+    and output folder, never resuming the labelled run's checkpoint."""
+    import dataclasses
+
+    logging_steps = training_args.logging_steps  # a ratio (< 1) or a count; a count at most a tenth of the round
+    if logging_steps > max(1, steps // 10):
+        logging_steps = max(1, steps // 10)
+    return dataclasses.replace(training_args, max_steps=steps, learning_rate=learning_rate,
+                               warmup_steps=max(1, steps // 10), logging_steps=logging_steps,
+                               resume_from_checkpoint=None, output_dir=str(output_dir))
+
+
 def self_train(model, processor, labelled: CTCDataset, arrays: list[np.ndarray], training_args, rounds: int = 1,
                keep_fraction: float = 0.5, lexicon: set[str] | None = None, names: list[str] | None = None,
                speed_perturbation: tuple[float, float] | None = None, references: list[str] | None = None,
@@ -152,4 +174,5 @@ def self_train(model, processor, labelled: CTCDataset, arrays: list[np.ndarray],
     return trainer, history
 
 
-__all__ = ["PseudoLabels", "select_confident", "closed_set_labels", "pseudo_label", "pseudo_labelled_dataset", "self_train"]
+__all__ = ["PseudoLabels", "select_confident", "closed_set_labels", "pseudo_label", "pseudo_labelled_dataset",
+           "label_constraints", "round_arguments", "self_train"]

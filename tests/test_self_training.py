@@ -192,3 +192,24 @@ def test_demo_self_training_pool_is_the_unseen_speakers_other_clips():
     assert set(pool) <= credited
     arrays, names = read_unlabelled(DEMO / "unlabelled_digits.csv")
     assert len(arrays) == 200 and all(0.1 < len(a) / 16000 < 2.5 for a in arrays)
+
+
+def test_label_constraints_and_round_arguments(tmp_path):
+    """Each labelling mode's constraint from the labelled transcripts; a round's Trainer options keep the run's
+    batch and seed but take the round's length, LR, 10 % warm-up and folder, and never resume a checkpoint."""
+    from data2vec_aqc_hf.self_training import label_constraints, round_arguments
+
+    texts = ["ONE", "TWO ONE", "ONE"]
+    assert label_constraints("greedy", texts) == (None, None)
+    assert label_constraints("lexicon", texts) == ({"ONE", "TWO"}, None)
+    assert label_constraints("closed_set", texts) == (None, ["ONE", "TWO ONE"])
+    with pytest.raises(ValueError, match="greedy, lexicon or closed_set"):
+        label_constraints("beam", texts)
+    base = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=800, learning_rate=1e-3, warmup_steps=80,
+                             logging_steps=50, per_device_train_batch_size=16, seed=3, report_to="none", use_cpu=True,
+                             resume_from_checkpoint=str(tmp_path / "run/checkpoint-400"))
+    r = round_arguments(base, 300, 5e-4, tmp_path / "st")
+    assert (r.max_steps, r.learning_rate, r.warmup_steps, r.logging_steps) == (300, 5e-4, 30, 30)
+    assert (r.per_device_train_batch_size, r.seed, r.resume_from_checkpoint) == (16, 3, None)
+    assert r.output_dir == str(tmp_path / "st") and base.max_steps == 800
+    assert round_arguments(base, 1000, 5e-4, tmp_path / "st").logging_steps == 50
