@@ -151,9 +151,10 @@ class ExperimentArguments:
         "help": "Takes per digit of the test speaker in the self-training pool (the other takes are scored)."})
     self_training_steps: int = field(default=400, metadata={"help": "Updates per self-training round (x --scale)."})
     self_training_learning_rate: float = field(default=5e-4, metadata={"help": "Peak LR of each self-training round."})
-    self_training_labels: str = field(default="closed_set", metadata={
+    self_training_labels: str = field(default="lexicon", metadata={
         "help": "Pseudo-labels: closed_set (the most likely of the training transcripts), lexicon (greedy, only "
-                "transcripts of training words kept) or greedy (see finetune.py --self_training_labels)."})
+                "transcripts of training words kept; the best on the dev split) or greedy (see finetune.py "
+                "--self_training_labels)."})
     noisy_per_digit: int = field(default=50, metadata={
         "help": "Test utterances per digit in each noisy condition (50 = all of FSDD's, the clean set; fewer makes "
                 "noisy and clean numbers come from different utterances)."})

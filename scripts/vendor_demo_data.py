@@ -1,7 +1,7 @@
 """Copy the small demo subset of ../shared/speech_corpus into data/demo (run once by maintainers; the result is
 committed). FSDD: 12 utterances per digit per speaker; LibriSpeech train-clean-100: 8 unlabeled utterances; 20 more
-takes per digit of the demo's unseen speaker, listed without their transcripts in unlabelled_digits.csv (the demo's
-self-training pool: disjoint from the 120 clips it scores)."""
+takes per digit of the demo's unseen speaker, listed without their transcripts in unlabelled_digits.csv (a
+self-training pool for the demo's fine-tuning, disjoint from the 120 clips it scores; README, "Self-training")."""
 
 import csv
 import shutil
@@ -49,4 +49,4 @@ print(len(picked), "labelled,", len(unlabeled) + len(digits), "unlabelled files"
 with open(dst / "pretrain_audio.csv", "w", newline="") as f:  # the demo's pretraining audio: everything, no labels
     w = csv.writer(f)
     w.writerow(["file_name"])
-    w.writerows([r["file_name"]] for r in unlabeled + picked + digits)
+    w.writerows([r["file_name"]] for r in unlabeled + picked)

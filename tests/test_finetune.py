@@ -183,8 +183,7 @@ def test_finetune_script_runs_as_a_script(tmp_path):
                              "--model_name_or_path", str(pre), "--output_dir", str(tmp_path / "ft"), "--max_steps", "4",
                              "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--warmup_steps", "0",
                              "--learning_rate", "0.05", "--load_best_model_at_end", "true", "--metric_for_best_model",
-                             "loss", "--greater_is_better", "false",
-                             "--self_training_rounds", "0", "--unlabelled_data", ""],  # the config's self-training off
+                             "loss", "--greater_is_better", "false"],
                             capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
