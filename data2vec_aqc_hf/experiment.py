@@ -45,6 +45,7 @@ from .audio import AudioError, load_audio
 from .finetuning import (
     CTCDataset,
     build_vocab,
+    check_pseudo_label_mode,
     evaluate_rows,
     load_ctc_model,
     make_processor,
@@ -169,8 +170,7 @@ class ExperimentArguments:
         if set(self.label_set_list) - {"low", "full"}:
             raise ValueError(f"label_sets must be 'low' and/or 'full', got {self.label_sets!r}")
         self.snr_list = [float(s) for s in self.snrs.split(",")]
-        if self.self_training_labels not in ("greedy", "lexicon", "closed_set"):
-            raise ValueError(f"self_training_labels must be greedy, lexicon or closed_set, got {self.self_training_labels!r}")
+        check_pseudo_label_mode(self.self_training_labels)
         if self.self_training_rounds < 0 or (self.self_training_rounds and self.self_training_pool_per_digit < 1):
             raise ValueError("self_training_rounds must be >= 0, with self_training_pool_per_digit >= 1")
         if self.scale <= 0:

@@ -541,8 +541,7 @@ class FinetuneArguments:
             raise ValueError("--self_training_rounds needs --unlabelled_data (audio of the kind the model is for)")
         if self.unlabelled_data and not self.self_training_rounds:
             raise ValueError("--unlabelled_data is only used for self-training: give --self_training_rounds too")
-        if self.self_training_labels not in ("greedy", "lexicon", "closed_set"):
-            raise ValueError(f"self_training_labels must be greedy, lexicon or closed_set, got {self.self_training_labels!r}")
+        check_pseudo_label_mode(self.self_training_labels)
         if not 0.0 < self.self_training_keep_fraction <= 1.0:
             raise ValueError(f"self_training_keep_fraction must be in (0, 1], got {self.self_training_keep_fraction}")
 
@@ -690,6 +689,16 @@ class NonFiniteWeightsCallback(TrainerCallback):
                 f"fine-tuning step {state.global_step}: the update made weights NaN/inf (learning rate "
                 f"{args.learning_rate:g} too high, or bad data); stopped before saving it. The checkpoints in "
                 f"{args.output_dir} are untouched; resume from one with a lower --learning_rate")
+
+
+PSEUDO_LABEL_MODES = ("greedy", "lexicon", "closed_set")
+
+
+def check_pseudo_label_mode(mode: str) -> str:
+    """`mode` if it is one of `PSEUDO_LABEL_MODES` (see `self_training.label_constraints`), else a ValueError."""
+    if mode not in PSEUDO_LABEL_MODES:
+        raise ValueError(f"self_training_labels must be greedy, lexicon or closed_set, got {mode!r}")
+    return mode
 
 
 def read_unlabelled(path: str | Path, min_samples: int = 400) -> tuple[list[np.ndarray], list[str]]:

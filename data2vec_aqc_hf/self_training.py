@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .audio import TARGET_SAMPLING_RATE
-from .finetuning import CTCDataset, clip_log_probs, ctc_min_frames, greedy_confidence, num_frames, train_ctc
+from .finetuning import (CTCDataset, check_pseudo_label_mode, clip_log_probs, ctc_min_frames, greedy_confidence,
+                         num_frames, train_ctc)
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ def pseudo_labelled_dataset(processor, arrays: list[np.ndarray], labels: PseudoL
 def label_constraints(labels: str, texts: list[str]) -> tuple[set[str] | None, list[str] | None]:
     """The `lexicon` and `candidates` of `pseudo_label` for a labelling mode and the labelled set's transcripts:
     greedy (neither), lexicon (their words) or closed_set (the distinct transcripts)."""
-    if labels not in ("greedy", "lexicon", "closed_set"):
-        raise ValueError(f"pseudo-labels must be greedy, lexicon or closed_set, got {labels!r}")
+    check_pseudo_label_mode(labels)
     lexicon = {w for t in texts for w in t.split()} if labels == "lexicon" else None
     return lexicon, sorted(set(texts)) if labels == "closed_set" else None
 
