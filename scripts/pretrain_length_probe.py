@@ -55,6 +55,8 @@ def main():
     p.add_argument("--fit_speakers", default="fsdd_jackson,fsdd_lucas")
     p.add_argument("--dev_speaker", default="fsdd_nicolas")
     p.add_argument("--every", type=int, default=2, help="probe every n-th clip of those speakers")
+    p.add_argument("--audio", default="all", choices=["all", "fsdd"],
+                   help="pretraining audio: the experiment's (LibriSpeech, LJ Speech and FSDD) or FSDD only (in-domain)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--probe_only", action="store_true",
                    help="probe the checkpoints already saved (of runs still going or stopped), start nothing")
@@ -70,7 +72,8 @@ def main():
         path = out / objective
         if (path / "summary.json").exists():
             continue
-        cmd = pretrain_command(args, objective, pretrain_files + [r["audio"] for r in fsdd_rows], path)
+        audio = ([] if a.audio == "fsdd" else pretrain_files) + [r["audio"] for r in fsdd_rows]
+        cmd = pretrain_command(args, objective, audio, path)
         cmd[cmd.index("--save_steps") + 1] = str(a.save_every)
         cmd[cmd.index("--save_total_limit") + 1] = "0"
         commands.append((objective, cmd))
