@@ -132,6 +132,9 @@ class ExperimentArguments:
     mask_time_length: int = field(default=4, metadata={"help": "Fine-tuning time-mask span, in frames."})
     speed_perturbation: float = field(default=0.15, metadata={
         "help": "Fine-tuning clips play at a random speed in [1 - s, 1 + s] (0: off); test audio is never changed."})
+    weight_ema_decay: float = field(default=0.0, metadata={
+        "help": "Evaluate an exponential moving average of each fine-tuning's weights instead of its last weights "
+                "(0: off; finetuning.WeightEMACallback)."})
     jobs: int = field(default=2, metadata={
         "help": "Runs in parallel, one thread each (a model this small uses 2 cores better as 2 runs than as 1 run "
                 "with 2 threads); 1 on a GPU."})
@@ -255,7 +258,7 @@ def finetune_settings(args: ExperimentArguments) -> dict:
         "low_resource_per_speaker", "pretrain_on_test_speaker_audio", "finetune_steps_low", "finetune_steps_full",
         "finetune_learning_rate", "finetune_batch_size", "freeze_feature_encoder", "freeze_transformer_steps",
         "mask_time_prob",
-        "mask_time_length", "speed_perturbation", "snrs", "noisy_per_digit", "lm_decoding", "self_training_rounds")},
+        "mask_time_length", "speed_perturbation", "weight_ema_decay", "snrs", "noisy_per_digit", "lm_decoding", "self_training_rounds")},
         **({k: getattr(args, k) for k in ("self_training_pool_per_digit", "self_training_steps",
                                           "self_training_learning_rate", "self_training_labels")}
            if args.self_training_rounds else {})}
@@ -454,7 +457,8 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
         train_sampling_strategy="group_by_length", disable_tqdm=True,
     )
     trainer = train_ctc(model, processor, train_set, None, training_args, args.freeze_transformer_steps,
-                        print_logs=False, speed_perturbation=speed_range(args.speed_perturbation))
+                        print_logs=False, speed_perturbation=speed_range(args.speed_perturbation),
+                        weight_ema_decay=args.weight_ema_decay)
     model = trainer.model
     loss_curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     metrics, self_training = {}, []

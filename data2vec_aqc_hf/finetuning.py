@@ -257,6 +257,47 @@ class FreezeTransformerCallback(TrainerCallback):
                 p.requires_grad_(True)
 
 
+class WeightEMACallback(TrainerCallback):
+    """An exponential moving average of the model's weights over the fine-tuning updates (Polyak averaging):
+    `ema = decay * ema + (1 - decay) * weights` after every optimizer step, starting from the weights of the first
+    update. With `apply_at_end` the model holds the average when training ends (the raw last weights stay in
+    `self.raw_state`), so the saved and evaluated model is the average. Evaluations during training see the raw
+    weights, and Trainer checkpoints hold the raw weights only: a resumed run restarts the average there.
+
+    Why: on a few hundred labelled clips the last weights of a run depend strongly on the last batches (the seed
+    alone moves an unseen speaker's WER by up to 15 points on FSDD, docs/LEARNING_NOTES.md session 10); the
+    average over the last ~1/(1 - decay) updates is a flatter point."""
+
+    def __init__(self, model, decay: float, apply_at_end: bool = True):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"weight EMA decay must be in (0, 1), got {decay}")
+        self.model, self.decay, self.apply_at_end = model, decay, apply_at_end
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.raw_state: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        if self.ema is None:
+            self.ema = {n: p.float().clone() for n, p in params.items()}
+            return
+        for n, p in params.items():
+            self.ema[n].lerp_(p.float(), 1.0 - self.decay)
+
+    def averaged_state(self) -> dict[str, torch.Tensor]:
+        """The averaged parameters (the buffers are the model's own), for `model.load_state_dict(..., strict=False)`."""
+        if self.ema is None:
+            raise RuntimeError("no update was made: there is no weight average")
+        return {n: t.clone() for n, t in self.ema.items()}
+
+    @torch.no_grad()
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.apply_at_end and self.ema is not None:
+            self.raw_state = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            for n, p in self.model.named_parameters():
+                p.copy_(self.ema[n].to(p.dtype))
+
+
 def decode_predictions(processor, logits: np.ndarray, lengths=None) -> list[str]:
     """Greedy CTC transcripts of `logits` `(batch, frames, vocab)`. `lengths`: each row's number of valid frames
     (`valid_frame_lengths`); the frames past it belong to the padding and are never read. They must not be:
@@ -513,6 +554,10 @@ class FinetuneArguments:
     speed_perturbation: float = field(default=0.0, metadata={
         "help": "Play each training clip at a random speed in [1 - s, 1 + s] (tempo and pitch; evaluation audio is "
                 "never changed). 0 (default, the paper's recipe) is off; ~0.15 helps a corpus of few speakers."})
+    weight_ema_decay: float = field(default=0.0, metadata={
+        "help": "Keep an exponential moving average of the weights over the updates and save / evaluate it instead "
+                "of the last weights (0: off; e.g. 0.99 averages over the last ~100 updates). Not with "
+                "--load_best_model_at_end."})
     unlabelled_data: str | None = field(default=None, metadata={
         "help": "Audio without transcripts for self-training after fine-tuning (a directory, a .csv with file_name or "
                 "a fairseq .tsv), e.g. recordings of the speakers the model is for; used with --self_training_rounds."})
@@ -535,6 +580,8 @@ class FinetuneArguments:
             raise ValueError("give exactly one of --model_name_or_path (pretrained) or --model_preset (from scratch)")
         self.freeze_feature_encoder = parse_freeze(self.freeze_feature_encoder)
         speed_range(self.speed_perturbation)  # validates
+        if not 0.0 <= self.weight_ema_decay < 1.0:
+            raise ValueError(f"weight_ema_decay must be in [0, 1), got {self.weight_ema_decay}")
         if self.self_training_rounds < 0 or self.self_training_steps < 1:
             raise ValueError("self_training_rounds must be >= 0 and self_training_steps >= 1")
         if self.self_training_rounds and not self.unlabelled_data:
@@ -600,10 +647,15 @@ class CTCTrainer(Trainer):
 
 def train_ctc(model, processor, train_set: CTCDataset, eval_set: CTCDataset | None,
               training_args: TrainingArguments, freeze_transformer_steps: int = 0, callbacks=(), print_logs=True,
-              speed_perturbation: tuple[float, float] | None = None):
+              speed_perturbation: tuple[float, float] | None = None, weight_ema_decay: float = 0.0):
     """Fine-tune `model` with transformers' `Trainer` (CTC, greedy WER/CER on `eval_set` at each evaluation); logs
     the fraction of frames time masking really hides on the training clips. Returns the trainer (its model is
-    the best checkpoint when `load_best_model_at_end`)."""
+    the best checkpoint when `load_best_model_at_end`, the weight average when `weight_ema_decay` > 0:
+    `WeightEMACallback`)."""
+    if weight_ema_decay and training_args.load_best_model_at_end:
+        raise ValueError("weight_ema_decay and load_best_model_at_end both choose the final weights: use one")
+    if weight_ema_decay:
+        callbacks = (*callbacks, WeightEMACallback(model, weight_ema_decay))
     frames = [int(model._get_feat_extract_output_lengths(len(e["input_values"]))) for e in train_set.examples]
     hidden = masked_time_fraction(model.config, frames, seed=training_args.seed)
     logger.warning("time masking hides %.1f %% of the training frames (mask_time_prob=%s, mask_time_length=%s, "
@@ -767,7 +819,8 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
                            args.freeze_feature_encoder, args.mask_time_min_masks, args.model_preset)
     cnn_trained = any(p.requires_grad for p in model.data2vec_audio.feature_extractor.parameters())
     trainer = train_ctc(model, processor, train_set, eval_set, training_args, args.freeze_transformer_steps,
-                        speed_perturbation=speed_range(args.speed_perturbation))
+                        speed_perturbation=speed_range(args.speed_perturbation),
+                        weight_ema_decay=args.weight_ema_decay)
     model = trainer.model
     self_training = []
     if args.self_training_rounds:

@@ -20,7 +20,7 @@ from transformers import TrainingArguments, set_seed
 
 from data2vec_aqc_hf.experiment import load_corpus, low_resource_subset
 from data2vec_aqc_hf.finetuning import (CTCDataset, build_vocab, evaluate_rows, load_ctc_model, make_processor,
-                                        normalize_text, speed_range, train_ctc)
+                                        normalize_text, speed_range, train_ctc, WeightEMACallback)
 
 
 def probe_training_args(steps: int, batch: int, lr: float, seed: int) -> TrainingArguments:
@@ -66,6 +66,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fit_all", action="store_true",
                    help="score the fit on every training utterance (default: 20 per speaker)")
+    p.add_argument("--weight_ema_decays", default="",
+                   help="comma-separated decays: also score each weight average of the same run (dev_wer_ema_<decay>)")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="outputs/probes.jsonl")
     p.add_argument("--save", default=None, help="save the fine-tuned model and processor here")
@@ -102,18 +104,28 @@ def main():
                 torch.nn.init.ones_(module.weight)
                 torch.nn.init.zeros_(module.bias)
     args = probe_training_args(a.steps, a.batch, a.lr, a.seed)
+    averages = {d: WeightEMACallback(model, float(d), apply_at_end=False)
+                for d in a.weight_ema_decays.split(",") if d}
     trainer = train_ctc(model, processor, train, None, args, a.freeze_transformer_steps, print_logs=False,
-                        speed_perturbation=speed_range(a.speed))
+                        speed_perturbation=speed_range(a.speed), callbacks=list(averages.values()))
     train_s = time.time() - start
     if a.save:
         trainer.model.save_pretrained(a.save)
         processor.save_pretrained(a.save)
     fit = evaluate_rows(trainer.model, processor, train if a.fit_all else low_resource_subset(train, 20, 1))
     res = evaluate_rows(trainer.model, processor, dev)
+    scores = {}
+    if averages:
+        raw = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        for d, callback in averages.items():
+            trainer.model.load_state_dict(callback.averaged_state(), strict=False)
+            r = evaluate_rows(trainer.model, processor, dev)
+            scores[f"dev_wer_ema_{d}"], scores[f"dev_cer_ema_{d}"] = round(100 * r["wer"], 1), round(100 * r["cer"], 1)
+        trainer.model.load_state_dict(raw, strict=False)
     curve = [(h["step"], round(h["loss"], 3)) for h in trainer.state.log_history if "loss" in h]
     out = {"tag": a.tag, **{k: v for k, v in vars(a).items() if k not in ("out", "corpus_dir")},
            "dev_wer": round(100 * res["wer"], 1), "dev_cer": round(100 * res["cer"], 1),
-           "fit_wer": round(100 * fit["wer"], 1), "train_s": round(train_s), "curve": curve,
+           **scores, "fit_wer": round(100 * fit["wer"], 1), "train_s": round(train_s), "curve": curve,
            "examples": res["examples"][:3]}
     record(out, a.out)
 

@@ -402,3 +402,28 @@ def test_card_templates_have_no_placeholder_links():
             assert url and url.rstrip("/") not in ("https://github.com", "https://huggingface.co", "#"), \
                 f"{template.name}: placeholder link {url!r}"
             assert url.startswith(("https://", "$")), f"{template.name}: link {url!r}"
+
+
+def test_weight_ema_callback_hand_computed_and_applied_at_the_end():
+    """The average after three updates equals the formula written out; the model holds it at the end and the raw
+    last weights are kept; frozen parameters stay exactly as they were; a bad decay is refused."""
+    from data2vec_aqc_hf.finetuning import WeightEMACallback
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[1].weight.requires_grad_(False)
+    frozen = model[1].weight.detach().clone()
+    callback = WeightEMACallback(model, decay=0.9)
+    seen = []
+    for step in range(3):
+        with torch.no_grad():
+            model[0].weight.add_(float(step + 1))  # a stand-in optimizer step
+        seen.append(model[0].weight.detach().clone())
+        callback.on_step_end(None, None, None)
+    expected = 0.9 * (0.9 * seen[0] + 0.1 * seen[1]) + 0.1 * seen[2]
+    assert torch.allclose(callback.averaged_state()["0.weight"], expected, atol=1e-6)
+    callback.on_train_end(None, None, None)
+    assert torch.allclose(model[0].weight, expected, atol=1e-6)
+    assert torch.equal(callback.raw_state["0.weight"], seen[2])
+    assert torch.equal(model[1].weight, frozen)
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMACallback(model, decay=1.0)
