@@ -43,9 +43,14 @@ def spherical_kmeans(
 
 def initial_centroid_rows(weights: torch.Tensor, num_clusters: int, generator=None) -> torch.LongTensor:
     """`num_clusters` distinct rows drawn with probability proportional to `weights` `(N,)`: k-means' random start
-    (the reference code re-initialises its k-means at random on every forward)."""
-    # tiny mass on the other rows keeps multinomial valid when fewer than k rows are weighted
-    return torch.multinomial(weights.float() + 1e-6, num_clusters, replacement=False, generator=generator)
+    (the reference code re-initialises its k-means at random on every forward).
+
+    Drawn as the k largest `w / E` with `E ~ Exp(1)` per row (Efraimidis-Spirakis: the same distribution as
+    `torch.multinomial(w, k, replacement=False)`), because CUDA's multinomial checks its input with two host syncs
+    (`.item()`), and the training step makes none (tests/test_device.py). A tiny mass on the other rows keeps the draw
+    valid when fewer than k rows are weighted."""
+    keys = (weights.float() + 1e-6) / torch.empty_like(weights, dtype=torch.float32).exponential_(generator=generator)
+    return keys.topk(num_clusters).indices
 
 
 def pooled_frame_weights(mask: torch.Tensor, views: int) -> torch.Tensor:

@@ -127,3 +127,21 @@ def test_logits_stay_fp32_under_autocast():
     assert got.dtype == torch.float32
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-6)
+
+
+def test_initial_centroid_rows_are_distinct_weighted_draws():
+    """k distinct rows; rows of weight 0 only when fewer than k rows are weighted; for k = 1 each row's frequency is
+    its share of the weight (2000 draws: within 4 standard errors)."""
+    from data2vec_aqc_hf.contrastive import initial_centroid_rows
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    for _ in range(50):
+        rows = initial_centroid_rows(weights, 3, g)
+        assert len(set(rows.tolist())) == 3 and all(weights[rows] > 0)
+    rows = initial_centroid_rows(weights, 6, g)  # only 5 weighted rows: all of them, plus one other
+    assert len(set(rows.tolist())) == 6 and set(torch.nonzero(weights).flatten().tolist()) <= set(rows.tolist())
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    counts = torch.bincount(torch.cat([initial_centroid_rows(w, 1, g) for _ in range(2000)]), minlength=4).float()
+    p = w / w.sum()
+    assert torch.all((counts / 2000 - p).abs() <= 4 * torch.sqrt(p * (1 - p) / 2000)), counts

@@ -21,6 +21,18 @@ def _on(device, tensors: dict):
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in tensors.items()}
 
 
+@pytest.fixture(autouse=True)
+def full_fp32_on_cuda():
+    """CUDA runs fp32 convolutions in TF32 by default (errors ~1e-3): the fp32 comparisons here want real fp32."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_step_on_device_matches_cpu_fp32(device, speech_batch):
     """Every loss term and the gradient of the student on `device` equal the CPU step's (same weights, same random
@@ -52,10 +64,10 @@ def test_bf16_autocast_with_sdpa_on_device(device, speech_batch):
     """Mixed precision as accelerate runs it on `device`, with sdpa attention: every term within 3 % of the fp32
     step, fp32 finite gradients, an EMA teacher that stays fp32 and moves towards the student."""
     x, mask = speech_batch
-    model = Data2VecAQCForPreTraining(tiny_config(attn_implementation="sdpa")).train().to(device)
+    model = Data2VecAQCForPreTraining(tiny_config(attn_implementation="sdpa")).train()
     assert model.config._attn_implementation == "sdpa"
-    fixed = _on(device, _fixed_inputs(model, x.to(device), mask.to(device)))
-    x, mask = x.to(device), mask.to(device)
+    fixed = _on(device, _fixed_inputs(model, x, mask))  # drawn on the CPU with a CPU generator, then moved
+    model, x, mask = model.to(device), x.to(device), mask.to(device)
     reference = model(x, mask, deterministic_quantizer=True, **fixed)
     with torch.autocast(device, dtype=torch.bfloat16):
         out = model(x, mask, deterministic_quantizer=True, **fixed)
@@ -84,16 +96,22 @@ def test_seeded_step_on_device_is_reproducible_and_draws_there(device, speech_ba
     model = Data2VecAQCForPreTraining(tiny_config()).train().to(device)
     losses = [model(x, mask, generator=torch.Generator(device).manual_seed(s)).loss for s in (3, 3, 4)]
     assert losses[0].device.type == device
-    assert torch.equal(losses[0], losses[1])
-    assert not torch.equal(losses[0], losses[2])
+    # bit-identical on the CPU; on CUDA the room-impulse scatter_add accumulates atomically, in any order
+    assert torch.equal(losses[0], losses[1]) if device == "cpu" else torch.allclose(losses[0], losses[1], rtol=1e-5)
+    assert not torch.allclose(losses[0], losses[2], rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host syncs only exist there)")
-def test_training_step_makes_no_host_round_trip(speech_batch):
+def test_training_step_makes_no_host_round_trip(speech_batch, monkeypatch):
     """Issue 2: masking, negatives, augmentation and k-means run on the device with no host round trip. CUDA's sync
-    debug mode raises on any device-to-host copy or `.item()` inside the forward and backward."""
+    debug mode raises on any device-to-host copy or `.item()` inside the forward and backward. Left out: the input
+    check (`validate_input_values`: its one documented sync per step, for a clear error on NaN or too-short audio)
+    and sdpa's mask handling in transformers (eager attention here)."""
+    import data2vec_aqc_hf.modeling_data2vec_aqc as modeling
+
+    monkeypatch.setattr(modeling, "validate_input_values", lambda *args: None)
     x, mask = (t.cuda() for t in speech_batch)
-    model = Data2VecAQCForPreTraining(tiny_config()).train().cuda()
+    model = Data2VecAQCForPreTraining(tiny_config(attn_implementation="eager")).train().cuda()
     generator = torch.Generator("cuda").manual_seed(0)
     model(x, mask, generator=generator).loss.backward()  # warm-up: lazy initialisations may sync once
     torch.cuda.synchronize()
