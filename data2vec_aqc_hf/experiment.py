@@ -164,6 +164,8 @@ class ExperimentArguments:
                 "noisy and clean numbers come from different utterances)."})
 
     def __post_init__(self):
+        if not 0.0 <= self.weight_ema_decay < 1.0:
+            raise ValueError(f"weight_ema_decay must be in [0, 1), got {self.weight_ema_decay}")
         self.objectives_list = [o.strip() for o in self.objectives.split(",") if o.strip()]
         unknown = set(self.objectives_list) - set(ARMS) - {"none"}
         if unknown:
@@ -258,10 +260,11 @@ def finetune_settings(args: ExperimentArguments) -> dict:
         "low_resource_per_speaker", "pretrain_on_test_speaker_audio", "finetune_steps_low", "finetune_steps_full",
         "finetune_learning_rate", "finetune_batch_size", "freeze_feature_encoder", "freeze_transformer_steps",
         "mask_time_prob",
-        "mask_time_length", "speed_perturbation", "weight_ema_decay", "snrs", "noisy_per_digit", "lm_decoding", "self_training_rounds")},
+        "mask_time_length", "speed_perturbation", "snrs", "noisy_per_digit", "lm_decoding", "self_training_rounds")},
         **({k: getattr(args, k) for k in ("self_training_pool_per_digit", "self_training_steps",
                                           "self_training_learning_rate", "self_training_labels")}
-           if args.self_training_rounds else {})}
+           if args.self_training_rounds else {}),
+        **({"weight_ema_decay": args.weight_ema_decay} if args.weight_ema_decay else {})}
 
 
 def _finished(path: Path, settings: dict) -> bool:

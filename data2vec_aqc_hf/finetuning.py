@@ -511,7 +511,7 @@ def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = 
 
 
 __all__ = ["normalize_text", "build_vocab", "make_processor", "read_manifest",
-           "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "speed_range", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "make_compute_metrics",
+           "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "speed_range", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "WeightEMACallback", "make_compute_metrics",
            "load_ctc_model", "parse_freeze", "masked_time_fraction", "train_ctc", "transcribe_arrays", "clip_log_probs", "greedy_confidence", "babble_noise", "add_noise", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
 
 
@@ -556,8 +556,9 @@ class FinetuneArguments:
                 "never changed). 0 (default, the paper's recipe) is off; ~0.15 helps a corpus of few speakers."})
     weight_ema_decay: float = field(default=0.0, metadata={
         "help": "Keep an exponential moving average of the weights over the updates and save / evaluate it instead "
-                "of the last weights (0: off; e.g. 0.99 averages over the last ~100 updates). Not with "
-                "--load_best_model_at_end."})
+                "of the last weights (0: off; e.g. 0.99 averages over the last ~100 updates; keep 1 / (1 - decay) well "
+                "below --max_steps). The initial fine-tuning only: self-training rounds keep their last weights. Not "
+                "with --load_best_model_at_end."})
     unlabelled_data: str | None = field(default=None, metadata={
         "help": "Audio without transcripts for self-training after fine-tuning (a directory, a .csv with file_name or "
                 "a fairseq .tsv), e.g. recordings of the speakers the model is for; used with --self_training_rounds."})
@@ -706,6 +707,9 @@ def weights_step(trainer) -> str:
     best = trainer.state.best_model_checkpoint
     if trainer.args.load_best_model_at_end and best:
         return f"{best.rsplit('-', 1)[-1]} (best checkpoint by {trainer.args.metric_for_best_model})"
+    averages = [c for c in trainer.callback_handler.callbacks if isinstance(c, WeightEMACallback) and c.raw_state]
+    if averages:
+        return f"an exponential moving average (decay {averages[0].decay}) of updates 1-{trainer.state.global_step}"
     return f"{trainer.state.global_step} (the last update)"
 
 
