@@ -46,6 +46,7 @@ from .finetuning import (
     CTCDataset,
     build_vocab,
     check_pseudo_label_mode,
+    check_weight_ema_decay,
     evaluate_rows,
     load_ctc_model,
     make_processor,
@@ -164,8 +165,7 @@ class ExperimentArguments:
                 "noisy and clean numbers come from different utterances)."})
 
     def __post_init__(self):
-        if not 0.0 <= self.weight_ema_decay < 1.0:
-            raise ValueError(f"weight_ema_decay must be in [0, 1), got {self.weight_ema_decay}")
+        check_weight_ema_decay(self.weight_ema_decay)
         self.objectives_list = [o.strip() for o in self.objectives.split(",") if o.strip()]
         unknown = set(self.objectives_list) - set(ARMS) - {"none"}
         if unknown:

@@ -257,6 +257,12 @@ class FreezeTransformerCallback(TrainerCallback):
                 p.requires_grad_(True)
 
 
+def check_weight_ema_decay(decay: float) -> None:
+    """`--weight_ema_decay`: 0 (off) or a decay in (0, 1)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"weight_ema_decay must be in [0, 1) (0: off), got {decay}")
+
+
 class WeightEMACallback(TrainerCallback):
     """An exponential moving average of the model's weights over the fine-tuning updates (Polyak averaging):
     `ema = decay * ema + (1 - decay) * weights` after every optimizer step, starting from the weights of the first
@@ -269,8 +275,9 @@ class WeightEMACallback(TrainerCallback):
     average over the last ~1/(1 - decay) updates is a flatter point."""
 
     def __init__(self, model, decay: float, apply_at_end: bool = True):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"weight EMA decay must be in (0, 1), got {decay}")
+        if decay == 0.0:
+            raise ValueError("weight EMA decay 0 keeps no average: leave the callback out instead")
+        check_weight_ema_decay(decay)
         self.model, self.decay, self.apply_at_end = model, decay, apply_at_end
         self.ema: dict[str, torch.Tensor] | None = None
         self.raw_state: dict[str, torch.Tensor] | None = None
@@ -511,7 +518,7 @@ def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = 
 
 
 __all__ = ["normalize_text", "build_vocab", "make_processor", "read_manifest",
-           "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "speed_range", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "WeightEMACallback", "make_compute_metrics",
+           "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "speed_range", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "WeightEMACallback", "check_weight_ema_decay", "make_compute_metrics",
            "load_ctc_model", "parse_freeze", "masked_time_fraction", "train_ctc", "transcribe_arrays", "clip_log_probs", "greedy_confidence", "babble_noise", "add_noise", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
 
 
@@ -581,8 +588,7 @@ class FinetuneArguments:
             raise ValueError("give exactly one of --model_name_or_path (pretrained) or --model_preset (from scratch)")
         self.freeze_feature_encoder = parse_freeze(self.freeze_feature_encoder)
         speed_range(self.speed_perturbation)  # validates
-        if not 0.0 <= self.weight_ema_decay < 1.0:
-            raise ValueError(f"weight_ema_decay must be in [0, 1), got {self.weight_ema_decay}")
+        check_weight_ema_decay(self.weight_ema_decay)
         if self.self_training_rounds < 0 or self.self_training_steps < 1:
             raise ValueError("self_training_rounds must be >= 0 and self_training_steps >= 1")
         if self.self_training_rounds and not self.unlabelled_data:
