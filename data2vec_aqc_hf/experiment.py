@@ -45,6 +45,7 @@ from .audio import AudioError, load_audio
 from .finetuning import (
     CTCDataset,
     build_vocab,
+    check_noise_augmentation,
     check_pseudo_label_mode,
     check_weight_ema_decay,
     evaluate_rows,
@@ -133,6 +134,9 @@ class ExperimentArguments:
     mask_time_length: int = field(default=4, metadata={"help": "Fine-tuning time-mask span, in frames."})
     speed_perturbation: float = field(default=0.15, metadata={
         "help": "Fine-tuning clips play at a random speed in [1 - s, 1 + s] (0: off); test audio is never changed."})
+    noise_augmentation: float = field(default=0.0, metadata={
+        "help": "Probability that a fine-tuning clip gets data2vec-aqc's student-view augmentation (white noise, "
+                "reverberation, background noise; finetuning.CTCCollator); 0: off. Test audio is never changed."})
     weight_ema_decay: float = field(default=0.0, metadata={
         "help": "Evaluate an exponential moving average of each fine-tuning's weights instead of its last weights "
                 "(0: off; finetuning.WeightEMACallback)."})
@@ -166,6 +170,7 @@ class ExperimentArguments:
 
     def __post_init__(self):
         check_weight_ema_decay(self.weight_ema_decay)
+        check_noise_augmentation(self.noise_augmentation)
         self.objectives_list = [o.strip() for o in self.objectives.split(",") if o.strip()]
         unknown = set(self.objectives_list) - set(ARMS) - {"none"}
         if unknown:
@@ -264,7 +269,8 @@ def finetune_settings(args: ExperimentArguments) -> dict:
         **({k: getattr(args, k) for k in ("self_training_pool_per_digit", "self_training_steps",
                                           "self_training_learning_rate", "self_training_labels")}
            if args.self_training_rounds else {}),
-        **({"weight_ema_decay": args.weight_ema_decay} if args.weight_ema_decay else {})}
+        **({"weight_ema_decay": args.weight_ema_decay} if args.weight_ema_decay else {}),
+        **({"noise_augmentation": args.noise_augmentation} if args.noise_augmentation else {})}
 
 
 def _finished(path: Path, settings: dict) -> bool:
@@ -461,7 +467,7 @@ def finetune_and_test(args, init: str, checkpoint: Path | None, train_set, test_
     )
     trainer = train_ctc(model, processor, train_set, None, training_args, args.freeze_transformer_steps,
                         print_logs=False, speed_perturbation=speed_range(args.speed_perturbation),
-                        weight_ema_decay=args.weight_ema_decay)
+                        weight_ema_decay=args.weight_ema_decay, noise_augmentation=args.noise_augmentation)
     model = trainer.model
     loss_curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     metrics, self_training = {}, []
@@ -507,7 +513,7 @@ def self_train_arm(args, model, processor, train_set, pool, training_args, run_d
     return self_train(model, processor, train_set, [e["input_values"] for e in pool.examples], round_args,
                       args.self_training_rounds, 0.5, lexicon, [str(e["name"]) for e in pool.examples],
                       speed_range(args.speed_perturbation), references=[e["text"] for e in pool.examples],
-                      print_logs=False, candidates=candidates)
+                      print_logs=False, candidates=candidates, noise_augmentation=args.noise_augmentation)
 
 
 _WORKER: dict = {}
@@ -757,7 +763,9 @@ def results_markdown(report: dict, args: ExperimentArguments, out: Path) -> str:
         f"({args.steps(args.finetune_steps_low)} updates), `full` = all of them (500 per speaker) "
         f"({args.steps(args.finetune_steps_full)} updates); batch {args.finetune_batch_size}, lr "
         f"{args.finetune_learning_rate:g}, time masking {args.mask_time_prob:g} x {args.mask_time_length} frames, "
-        f"speed perturbation of the training clips {1 - args.speed_perturbation:g}-{1 + args.speed_perturbation:g}x, CNN "
+        f"speed perturbation of the training clips {1 - args.speed_perturbation:g}-{1 + args.speed_perturbation:g}x"
+        + (f", data2vec-aqc's noise / reverberation augmentation on {100 * args.noise_augmentation:g} % of them"
+           if args.noise_augmentation else "") + ", CNN "
         f"{'frozen' if args.freeze_feature_encoder else 'trained'}; the same recipe for every initialisation, no "
         "checkpoint selection. Test: the held-out speaker, rotated over "
         f"{len({r['test_speaker'] for r in report['runs']})} speakers, seeds {args.seeds}; clean = all "

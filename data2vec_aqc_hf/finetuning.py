@@ -201,6 +201,12 @@ def speed_perturb(audio: np.ndarray, factor: float) -> np.ndarray:
         np.float32, copy=False)
 
 
+def check_noise_augmentation(p: float) -> None:
+    """`--noise_augmentation` is a probability."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"noise_augmentation must be in [0, 1], got {p}")
+
+
 def speed_range(spread: float) -> tuple[float, float] | None:
     """The factor range `(1 - spread, 1 + spread)` of a `--speed_perturbation` value; `None` for 0 (off)."""
     if not 0.0 <= spread < 1.0:
@@ -220,6 +226,16 @@ class CTCCollator:
 
     processor: Wav2Vec2Processor
     speed_perturbation: tuple[float, float] | None = None
+    noise_augmentation: float = 0.0
+
+    def __post_init__(self):
+        check_noise_augmentation(self.noise_augmentation)
+        self.augmenter = None
+        if self.noise_augmentation:
+            from .augment import WaveformAugmenter
+            from .configuration_data2vec_aqc import Data2VecAQCConfig
+
+            self.augmenter = WaveformAugmenter(Data2VecAQCConfig())
 
     def __call__(self, features):
         audio = [np.asarray(f["input_values"], dtype=np.float32) for f in features]
@@ -229,12 +245,25 @@ class CTCCollator:
             audio = [speed_perturb(a, f) for a, f in zip(audio, factors)]
         batch = self.processor.feature_extractor(audio, sampling_rate=TARGET_SAMPLING_RATE, padding=True,
                                                  return_attention_mask=True, return_tensors="pt")
+        if self.augmenter is not None:
+            batch["input_values"] = self.augment(batch["input_values"].float(), batch["attention_mask"].bool())
         longest = max(len(f["labels"]) for f in features)
         labels = torch.full((len(features), longest), -100, dtype=torch.long)
         for i, f in enumerate(features):
             labels[i, : len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
         return {"input_values": batch["input_values"].float(), "attention_mask": batch["attention_mask"],
                 "labels": labels}
+
+    def augment(self, x: torch.Tensor, valid: torch.BoolTensor) -> torch.Tensor:
+        """Each clip, with probability `noise_augmentation`, replaced by data2vec-aqc's student view of it (white
+        noise, reverberation, background noise at the paper's probabilities and ranges, `WaveformAugmenter`),
+        normalised again to zero mean and unit variance; the others unchanged. Draws from torch's global RNG."""
+        from .augment import normalize_waveform
+
+        pick = torch.rand(x.shape[0], 1) < self.noise_augmentation
+        if not bool(pick.any()):
+            return x
+        return torch.where(pick, normalize_waveform(self.augmenter(x, valid), valid), x)
 
 
 class FreezeTransformerCallback(TrainerCallback):
@@ -518,7 +547,7 @@ def evaluate_rows(model, processor, dataset: CTCDataset, snr_db: float | None = 
 
 
 __all__ = ["normalize_text", "build_vocab", "make_processor", "read_manifest",
-           "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "speed_range", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "WeightEMACallback", "check_weight_ema_decay", "make_compute_metrics",
+           "split_by_speaker", "CTCDataset", "CTCCollator", "CTCTrainer", "speed_perturb", "speed_range", "check_noise_augmentation", "valid_frame_lengths", "blank_padded_frames", "decode_predictions", "FreezeTransformerCallback", "WeightEMACallback", "check_weight_ema_decay", "make_compute_metrics",
            "load_ctc_model", "parse_freeze", "masked_time_fraction", "train_ctc", "transcribe_arrays", "clip_log_probs", "greedy_confidence", "babble_noise", "add_noise", "evaluate_rows", "FinetuneArguments", "run_finetuning"]
 
 
@@ -561,6 +590,11 @@ class FinetuneArguments:
     speed_perturbation: float = field(default=0.0, metadata={
         "help": "Play each training clip at a random speed in [1 - s, 1 + s] (tempo and pitch; evaluation audio is "
                 "never changed). 0 (default, the paper's recipe) is off; ~0.15 helps a corpus of few speakers."})
+    noise_augmentation: float = field(default=0.0, metadata={
+        "help": "Probability that a training clip is replaced by data2vec-aqc's student view of it (white noise, "
+                "reverberation, background noise at the paper's pretraining probabilities and ranges; evaluation audio "
+                "is never changed). 0 (default, the paper's recipe) is off; 0.5 helped an unseen speaker of spoken "
+                "digits (docs/LEARNING_NOTES.md, session 14)."})
     weight_ema_decay: float = field(default=0.0, metadata={
         "help": "Keep an exponential moving average of the weights over the updates and save / evaluate it instead "
                 "of the last weights (0: off; e.g. 0.99 averages over the last ~100 updates; keep 1 / (1 - decay) well "
@@ -588,6 +622,7 @@ class FinetuneArguments:
             raise ValueError("give exactly one of --model_name_or_path (pretrained) or --model_preset (from scratch)")
         self.freeze_feature_encoder = parse_freeze(self.freeze_feature_encoder)
         speed_range(self.speed_perturbation)  # validates
+        check_noise_augmentation(self.noise_augmentation)
         check_weight_ema_decay(self.weight_ema_decay)
         if self.self_training_rounds < 0 or self.self_training_steps < 1:
             raise ValueError("self_training_rounds must be >= 0 and self_training_steps >= 1")
@@ -654,7 +689,8 @@ class CTCTrainer(Trainer):
 
 def train_ctc(model, processor, train_set: CTCDataset, eval_set: CTCDataset | None,
               training_args: TrainingArguments, freeze_transformer_steps: int = 0, callbacks=(), print_logs=True,
-              speed_perturbation: tuple[float, float] | None = None, weight_ema_decay: float = 0.0):
+              speed_perturbation: tuple[float, float] | None = None, weight_ema_decay: float = 0.0,
+              noise_augmentation: float = 0.0):
     """Fine-tune `model` with transformers' `Trainer` (CTC, greedy WER/CER on `eval_set` at each evaluation); logs
     the fraction of frames time masking really hides on the training clips. Returns the trainer (its model is
     the best checkpoint when `load_best_model_at_end`, the weight average when `weight_ema_decay` > 0:
@@ -669,7 +705,7 @@ def train_ctc(model, processor, train_set: CTCDataset, eval_set: CTCDataset | No
                    "mask_time_min_masks=%s; median clip %d frames)", 100 * hidden, model.config.mask_time_prob,
                    model.config.mask_time_length, model.config.mask_time_min_masks, int(np.median(frames)))
     trainer = CTCTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=CTCCollator(processor, speed_perturbation),
+                      data_collator=CTCCollator(processor, speed_perturbation, noise_augmentation),
                       eval_data_collator=CTCCollator(processor), compute_metrics=make_compute_metrics(processor),
                       processing_class=processor.feature_extractor,
                       callbacks=[FreezeTransformerCallback(model, freeze_transformer_steps), NonFiniteWeightsCallback(model),
@@ -804,7 +840,7 @@ def _self_train(args, training_args, model, processor, train_set, eval_set):
                                  Path(training_args.output_dir) / "self-training")
     return self_train(model, processor, train_set, arrays, round_args, args.self_training_rounds,
                       args.self_training_keep_fraction, lexicon, names, speed_range(args.speed_perturbation),
-                      eval_set=eval_set, candidates=candidates)
+                      eval_set=eval_set, candidates=candidates, noise_augmentation=args.noise_augmentation)
 
 
 def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
@@ -830,7 +866,7 @@ def run_finetuning(args: FinetuneArguments, training_args: TrainingArguments) ->
     cnn_trained = any(p.requires_grad for p in model.data2vec_audio.feature_extractor.parameters())
     trainer = train_ctc(model, processor, train_set, eval_set, training_args, args.freeze_transformer_steps,
                         speed_perturbation=speed_range(args.speed_perturbation),
-                        weight_ema_decay=args.weight_ema_decay)
+                        weight_ema_decay=args.weight_ema_decay, noise_augmentation=args.noise_augmentation)
     model = trainer.model
     self_training = []
     if args.self_training_rounds:

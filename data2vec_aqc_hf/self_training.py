@@ -145,10 +145,12 @@ def round_arguments(training_args, steps: int, learning_rate: float, output_dir)
 def self_train(model, processor, labelled: CTCDataset, arrays: list[np.ndarray], training_args, rounds: int = 1,
                keep_fraction: float = 0.5, lexicon: set[str] | None = None, names: list[str] | None = None,
                speed_perturbation: tuple[float, float] | None = None, references: list[str] | None = None,
-               print_logs: bool = True, eval_set: CTCDataset | None = None, candidates: list[str] | None = None):
+               print_logs: bool = True, eval_set: CTCDataset | None = None, candidates: list[str] | None = None,
+               noise_augmentation: float = 0.0):
     """`rounds` rounds of: pseudo-label `arrays` with the current model, then continue fine-tuning it on
     `labelled` + the selected clips for `training_args.max_steps` updates (a fresh optimizer and LR schedule each
-    round; `candidates`: closed-set labels, see `pseudo_label`; `eval_set` only for the Trainer's periodic evaluation, never for selection). Returns the last trainer and one record per round (pool size, selected, rejected by the lexicon,
+    round; `candidates`: closed-set labels, see `pseudo_label`; `speed_perturbation` and `noise_augmentation` as in
+    `finetuning.train_ctc`; `eval_set` only for the Trainer's periodic evaluation, never for selection). Returns the last trainer and one record per round (pool size, selected, rejected by the lexicon,
     and, when `references` are given for reporting, the pseudo-labels' accuracy)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -168,7 +170,7 @@ def self_train(model, processor, labelled: CTCDataset, arrays: list[np.ndarray],
         logger.warning("self-training round %d: %d of %d unlabelled clips pseudo-labelled (%d rejected by the lexicon)",
                        r + 1, len(extra), len(arrays), labels.rejected_by_lexicon)
         trainer = train_ctc(model, processor, labelled.concat(extra), eval_set, training_args, print_logs=print_logs,
-                            speed_perturbation=speed_perturbation)
+                            speed_perturbation=speed_perturbation, noise_augmentation=noise_augmentation)
         model = trainer.model
         history.append(record)
     return trainer, history

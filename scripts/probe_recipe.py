@@ -52,6 +52,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--speed", type=float, default=0.0, help="speed factors in [1-s, 1+s]; 0 = off")
+    p.add_argument("--noise_aug", type=float, default=0.0,
+                   help="probability that a training clip gets data2vec-aqc's student-view augmentation")
     p.add_argument("--mask_time_prob", type=float, default=0.05)
     p.add_argument("--mask_time_length", type=int, default=4)
     p.add_argument("--mask_feature_prob", type=float, default=0.0)
@@ -107,7 +109,8 @@ def main():
     averages = {d: WeightEMACallback(model, float(d), apply_at_end=False)
                 for d in a.weight_ema_decays.split(",") if d}
     trainer = train_ctc(model, processor, train, None, args, a.freeze_transformer_steps, print_logs=False,
-                        speed_perturbation=speed_range(a.speed), callbacks=list(averages.values()))
+                        speed_perturbation=speed_range(a.speed), noise_augmentation=a.noise_aug,
+                        callbacks=list(averages.values()))
     train_s = time.time() - start
     if a.save:
         trainer.model.save_pretrained(a.save)

@@ -369,6 +369,43 @@ def test_speed_perturbation_scales_length_and_pitch():
     assert int(round(len(tone) / 1.2)) - 1 <= a.shape[1] <= int(round(len(tone) / 0.8)) + 1
 
 
+def test_noise_augmentation_replaces_the_picked_clips_by_the_student_view(tmp_path):
+    """`CTCCollator(noise_augmentation=p)`: p = 0 leaves the batch as the plain collator makes it; p = 1 changes every
+    clip, each again zero-mean unit-variance over its own samples with its padding zero; a seeded call repeats; the
+    clips not picked are bit-identical to the plain batch; p outside [0, 1] is refused."""
+    from data2vec_aqc_hf.finetuning import CTCCollator
+
+    processor = make_processor(build_vocab(["ONE"]), tmp_path / "p")
+    t = np.arange(16000) / 16000
+    features = [{"input_values": np.sin(2 * np.pi * 300 * t[:n]).astype(np.float32), "labels": [3, 4, 5]}
+                for n in (16000, 9000, 12000, 5000)]
+    plain = CTCCollator(processor)(features)
+    assert torch.equal(CTCCollator(processor, noise_augmentation=0.0)(features)["input_values"], plain["input_values"])
+    torch.manual_seed(0)
+    every = CTCCollator(processor, noise_augmentation=1.0)(features)
+    x, mask = every["input_values"], every["attention_mask"].bool()
+    from data2vec_aqc_hf import Data2VecAQCConfig
+    from data2vec_aqc_hf.augment import WaveformAugmenter, normalize_waveform
+
+    torch.manual_seed(0)
+    torch.rand(4, 1)  # the collator's pick draw comes first
+    view = WaveformAugmenter(Data2VecAQCConfig())(plain["input_values"], mask)
+    assert torch.equal(x, normalize_waveform(view, mask))
+    assert sum(not torch.allclose(x[i], plain["input_values"][i], atol=0.1) for i in range(4)) >= 2
+    for i, n in enumerate((16000, 9000, 12000, 5000)):
+        assert abs(float(x[i, :n].mean())) < 1e-4 and abs(float(x[i, :n].std()) - 1.0) < 1e-3
+        assert torch.all(x[i, n:] == 0)
+    torch.manual_seed(0)
+    assert torch.equal(CTCCollator(processor, noise_augmentation=1.0)(features)["input_values"], x)
+    collator = CTCCollator(processor, noise_augmentation=0.5)
+    torch.manual_seed(1)
+    half = collator(features)["input_values"]
+    kept = [i for i in range(4) if torch.equal(half[i], plain["input_values"][i])]
+    assert 0 < len(kept) < 4  # with seed 1 some clips are picked and some not
+    with pytest.raises(ValueError):
+        CTCCollator(processor, noise_augmentation=1.5)
+
+
 def test_trainer_evaluates_on_clean_audio_while_training_on_perturbed(tmp_path):
     """`CTCTrainer` batches evaluation data with the clean collator: an eval batch has the clip's own length,
     a training batch the perturbed one."""
