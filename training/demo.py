@@ -35,11 +35,11 @@ def tagged(stdout, tag):
 
 if __name__ == "__main__":
     py, start = sys.executable, time.time()
-    out = run("1/4 pretraining data2vec-aqc (small preset) on the vendored audio, labels unused (~1.5 min)",
+    out = run("1/4 pretraining data2vec-aqc (small preset, with VICReg's anti-collapse terms) on the vendored audio, labels unused (~2 min)",
               [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "training/pretrain.py", "configs/demo.yaml"])
     summary = tagged(out, "SUMMARY")
-    out = run(f"2/4 CTC fine-tuning on 3 speakers' digits, testing on the unseen {UNSEEN} (~6 min)",
+    out = run(f"2/4 CTC fine-tuning on 3 speakers' digits, testing on the unseen {UNSEEN} (~6.5 min)",
               [py, "training/finetune.py", "configs/demo_finetune.yaml"])
     metrics = tagged(out, "METRICS")
     clips = [f"data/demo/audio/fsdd/yweweler/{d}_yweweler_{i}.flac" for d, i in ((3, 0), (7, 1), (9, 10))]
