@@ -35,7 +35,8 @@ def tagged(stdout, tag):
 
 if __name__ == "__main__":
     py, start = sys.executable, time.time()
-    out = run("1/4 pretraining data2vec-aqc (small preset, with VICReg's anti-collapse terms) on the vendored audio, labels unused (~2 min)",
+    out = run("1/4 pretraining data2vec-aqc (small preset, with VICReg's anti-collapse terms) on the vendored audio, "
+              "labels unused (~2 min)",
               [py, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "training/pretrain.py", "configs/demo.yaml"])
     summary = tagged(out, "SUMMARY")
